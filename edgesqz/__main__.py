@@ -1,0 +1,3 @@
+from edgesqz.cli import main
+
+main()

@@ -1,0 +1,425 @@
+"""Standard TFLite metadata: make a ``.tflite`` file self-describing.
+
+Writes what tflite-support / MediaPipe metadata readers expect: a ``TFLITE_METADATA`` entry in the
+model's ``metadata`` list whose buffer holds a ``ModelMetadata`` flatbuffer (``metadata_schema.fbs``,
+file identifier ``M001``), plus the associated files appended to the model as a zip archive. A
+runtime that knows nothing about metadata still runs the model unchanged.
+
+Reading needs only the standard library, ``flatbuffers`` and numpy (no TensorFlow, no LiteRT).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+
+import flatbuffers
+import numpy as np
+from flatbuffers import number_types as fbn
+from flatbuffers.table import Table
+
+from edgesqz.errors import EdgesqzError
+
+LABELS_FILE = "labels.txt"  # TENSOR_AXIS_LABELS associated file of output tensor 0
+INFO_FILE = "edgesqz.json"  # model-level associated file (type DESCRIPTIONS), our JSON dict
+
+METADATA_NAME = "TFLITE_METADATA"
+MIN_PARSER_VERSION = "1.0.0"  # every field written here exists since metadata schema 1.0.0
+_TFLITE_ID = b"TFL3"
+_METADATA_ID = b"M001"
+
+# Field slots (declaration order) in tflite schema.fbs and metadata_schema.fbs.
+# A union field takes two slots: its type (ubyte) then its value.
+_MODEL_SUBGRAPHS, _MODEL_BUFFERS, _MODEL_METADATA = 2, 4, 6  # tflite.Model
+_BUFFER_DATA, _BUFFER_OFFSET, _BUFFER_SIZE = 0, 1, 2  # tflite.Buffer
+_META_NAME, _META_BUFFER = 0, 1  # tflite.Metadata
+# ModelMetadata: name, description, version, subgraph_metadata, author, license, associated_files,
+# min_parser_version.  SubGraphMetadata: name, description, input_tensor_metadata,
+# output_tensor_metadata, ...  TensorMetadata: name, description, dimension_names, content,
+# process_units, stats, associated_files.  AssociatedFile: name, description, type, locale.
+_MM_SUBGRAPHS, _MM_FILES = 3, 6
+_SG_INPUTS, _SG_OUTPUTS = 2, 3
+_TM_PROCESS_UNITS, _TM_FILES = 4, 6
+_AF_NAME, _AF_TYPE = 0, 2
+_FILE_DESCRIPTIONS, _FILE_TENSOR_AXIS_LABELS = 1, 2  # AssociatedFileType
+_CONTENT_FEATURE, _CONTENT_IMAGE = 1, 2  # ContentProperties union
+_UNIT_NORMALIZATION = 1  # ProcessUnitOptions union
+_COLOR_RGB = 1  # ColorSpaceType
+
+
+@dataclass
+class ModelMetadata:
+    """What :func:`read_metadata` found in a model; empty fields when there is no metadata."""
+
+    name: str | None
+    description: str | None
+    version: str | None
+    labels: list[str] | None  # from labels.txt in the zip
+    info: dict  # parsed edgesqz.json ({} when absent)
+    mean: list[float] | None  # input NormalizationOptions, if present
+    std: list[float] | None
+    has_tflite_metadata: bool  # a TFLITE_METADATA buffer was found in the flatbuffer
+    associated_files: list[str]  # names in the zip tail
+
+
+class _Corrupt(ValueError):
+    """Internal: an offset or length points outside the buffer."""
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class _Tbl:
+    """Bounds-checked reads of one flatbuffer table through ``flatbuffers.table.Table``."""
+
+    def __init__(self, buf: bytes, pos: int) -> None:
+        _need(buf, pos, 4)
+        self.buf = buf
+        self.t = Table(buf, pos)
+
+    @classmethod
+    def root(cls, buf: bytes) -> _Tbl:
+        _need(buf, 0, 8)
+        return cls(buf, struct.unpack_from("<I", buf, 0)[0])
+
+    def _off(self, slot: int) -> int:
+        return self.t.Offset(4 + 2 * slot)
+
+    def scalar(self, slot: int, flags: type, default: int = 0) -> int:
+        o = self._off(slot)
+        if not o:
+            return default
+        _need(self.buf, self.t.Pos + o, flags.bytewidth)
+        return self.t.Get(flags, self.t.Pos + o)
+
+    def table(self, slot: int) -> _Tbl | None:
+        o = self._off(slot)
+        return _Tbl(self.buf, self.t.Indirect(self.t.Pos + o)) if o else None
+
+    def span(self, slot: int, elem_size: int) -> tuple[int, int] | None:
+        """(start, length) of a vector field, checked to lie inside the buffer."""
+        o = self._off(slot)
+        if not o:
+            return None
+        start, n = self.t.Vector(o), self.t.VectorLen(o)
+        _need(self.buf, start, n * elem_size)
+        return start, n
+
+    def string(self, slot: int) -> str | None:
+        s = self.span(slot, 1)
+        return None if s is None else self.buf[s[0] : s[0] + s[1]].decode("utf-8")
+
+    def tables(self, slot: int) -> list[_Tbl]:
+        s = self.span(slot, 4)
+        return [] if s is None else [_Tbl(self.buf, self.t.Indirect(s[0] + 4 * i)) for i in range(s[1])]
+
+    def floats(self, slot: int) -> list[float] | None:
+        s = self.span(slot, 4)
+        return None if s is None else np.frombuffer(self.buf, "<f4", s[1], s[0]).astype(float).tolist()
+
+
+def _need(buf: bytes, pos: int, size: int) -> None:
+    if pos < 0 or size < 0 or pos + size > len(buf):
+        raise _Corrupt(f"offset {pos}+{size} is outside the {len(buf)}-byte buffer")
+
+
+def _not_tflite(src: str, why: str) -> EdgesqzError:
+    return EdgesqzError(f"{src} is not a valid .tflite model ({why}); re-export it or copy it again")
+
+
+# Everything a hostile or truncated buffer can make flatbuffers/struct/zipfile/json raise.
+_PARSE_ERRORS = (struct.error, TypeError, IndexError, ValueError, OverflowError, KeyError)
+_ZIP_ERRORS = (zipfile.BadZipFile, OSError, EOFError, NotImplementedError, RuntimeError, zlib.error, *_PARSE_ERRORS)
+
+
+def _find_metadata_buffer(buf: bytes) -> bytes | None:
+    """Validate the TFLite flatbuffer and return the TFLITE_METADATA buffer, if any."""
+    model = _Tbl.root(buf)
+    if not model.tables(_MODEL_SUBGRAPHS):
+        raise _Corrupt("no subgraphs")
+    buffers = model.tables(_MODEL_BUFFERS)
+    spans = []
+    for b in buffers:  # every buffer must lie inside the file: catches truncated models
+        offset, size = b.scalar(_BUFFER_OFFSET, fbn.Uint64Flags), b.scalar(_BUFFER_SIZE, fbn.Uint64Flags)
+        if offset > 1:  # data stored after the flatbuffer (models > 2 GB)
+            _need(buf, offset, size)
+            spans.append((offset, size))
+        else:
+            spans.append(b.span(_BUFFER_DATA, 1) or (0, 0))
+    for entry in model.tables(_MODEL_METADATA):
+        if entry.string(_META_NAME) == METADATA_NAME:
+            start, size = spans[entry.scalar(_META_BUFFER, fbn.Uint32Flags)]
+            return buf[start : start + size]
+    return None
+
+
+def _parse_model_metadata(mb: bytes) -> dict:
+    """The few ModelMetadata fields we use; {} for a metadata flatbuffer of another schema version."""
+    if len(mb) < 8 or mb[4:8] != _METADATA_ID:
+        return {}
+    root = _Tbl.root(mb)
+    out: dict = {"name": root.string(0), "description": root.string(1), "version": root.string(2)}
+    out["files"] = [f.string(_AF_NAME) for f in root.tables(_MM_FILES)]
+    subgraphs = root.tables(_MM_SUBGRAPHS)
+    inputs = subgraphs[0].tables(_SG_INPUTS) if subgraphs else []
+    outputs = subgraphs[0].tables(_SG_OUTPUTS) if subgraphs else []
+    for unit in inputs[0].tables(_TM_PROCESS_UNITS) if inputs else []:
+        options = unit.table(1)
+        if unit.scalar(0, fbn.Uint8Flags) == _UNIT_NORMALIZATION and options is not None:
+            out["mean"], out["std"] = options.floats(0), options.floats(1)
+            break
+    for f in outputs[0].tables(_TM_FILES) if outputs else []:
+        if f.scalar(_AF_TYPE, fbn.Int8Flags) == _FILE_TENSOR_AXIS_LABELS:
+            out["labels_file"] = f.string(_AF_NAME)
+            break
+    return out
+
+
+def _open_zip_tail(buf: bytes) -> zipfile.ZipFile | None:
+    try:
+        return zipfile.ZipFile(io.BytesIO(buf))
+    except _ZIP_ERRORS:
+        return None
+
+
+def _split_labels(data: bytes) -> list[str]:
+    lines = data.decode("utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_metadata(model: bytes | str | os.PathLike) -> ModelMetadata:
+    """Read what embed_metadata wrote; a model without metadata gives empty fields, never raises for that."""
+    if isinstance(model, (str, os.PathLike)):
+        src = os.fspath(model)
+        try:
+            with open(src, "rb") as f:
+                buf = f.read()
+        except OSError as e:
+            raise EdgesqzError(f"cannot read model file {src}: {e.strerror or e}") from e
+    else:
+        src, buf = "the model data", bytes(model)
+    if len(buf) < 8 or buf[4:8] != _TFLITE_ID:
+        raise _not_tflite(src, "no TFL3 file identifier")
+    try:
+        meta_buf = _find_metadata_buffer(buf)
+        fields = _parse_model_metadata(meta_buf) if meta_buf is not None else {}
+    except _PARSE_ERRORS as e:
+        raise _not_tflite(src, "corrupt or truncated flatbuffer") from e
+
+    zf = _open_zip_tail(buf)
+    names = zf.namelist() if zf is not None else []
+    labels_file = fields.get("labels_file") or (LABELS_FILE if LABELS_FILE in names else None)
+    for needed in (labels_file, *(f for f in fields.get("files", []) if f == INFO_FILE)):
+        if needed is not None and needed not in names:
+            raise _not_tflite(src, f"its metadata lists {needed} but the file is not packed in it; truncated?")
+    try:
+        labels = _split_labels(zf.read(labels_file)) if zf is not None and labels_file else None
+        info = json.loads(zf.read(INFO_FILE)) if zf is not None and INFO_FILE in names else {}
+    except _ZIP_ERRORS as e:
+        raise _not_tflite(src, "corrupt associated files in its zip tail") from e
+    if not isinstance(info, dict):
+        raise _not_tflite(src, f"{INFO_FILE} is not a JSON object")
+    return ModelMetadata(
+        name=fields.get("name"),
+        description=fields.get("description"),
+        version=fields.get("version"),
+        labels=labels,
+        info=info,
+        mean=fields.get("mean"),
+        std=fields.get("std"),
+        has_tflite_metadata=meta_buf is not None,
+        associated_files=names,
+    )
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _build_model_metadata(
+    *,
+    name: str,
+    description: str,
+    version: str,
+    author: str,
+    license: str,
+    with_labels: bool,
+    mean: list[float] | None,
+    std: list[float] | None,
+    input_min: float | None,
+    input_max: float | None,
+) -> bytes:
+    """Serialise a ModelMetadata flatbuffer (metadata_schema.fbs, identifier M001)."""
+    b = flatbuffers.Builder(1024)
+    add = {"o": b.PrependUOffsetTRelativeSlot, "b": b.PrependInt8Slot, "B": b.PrependUint8Slot}
+
+    def table(*fields: tuple[int, str, int | None]) -> int:
+        # Children are created (as call arguments) before StartObject: flatbuffers forbids nesting.
+        b.StartObject(max((slot for slot, _, _ in fields), default=-1) + 1)
+        for slot, kind, value in fields:
+            if value is not None:
+                add[kind](slot, value, 0)
+        return b.EndObject()
+
+    def vec(offsets: list[int]) -> int:
+        b.StartVector(4, len(offsets), 4)
+        for o in reversed(offsets):
+            b.PrependUOffsetTRelative(o)
+        return b.EndVector()
+
+    def string(s: str | None) -> int | None:
+        return b.CreateString(s) if s else None
+
+    def floats(values: list[float] | None) -> int | None:
+        return None if values is None else b.CreateNumpyVector(np.asarray(values, dtype="<f4"))
+
+    def assoc(fname: str, desc: str, ftype: int) -> int:
+        return table((0, "o", string(fname)), (1, "o", string(desc)), (2, "b", ftype))
+
+    units = None
+    if mean is not None:
+        norm = table((0, "o", floats(mean)), (1, "o", floats(std)))
+        units = vec([table((0, "B", _UNIT_NORMALIZATION), (1, "o", norm))])
+    stats = None
+    if input_min is not None or input_max is not None:
+        stats = table(
+            (0, "o", floats(None if input_max is None else [input_max])),
+            (1, "o", floats(None if input_min is None else [input_min])),
+        )
+    image = table((0, "b", _COLOR_RGB))
+    input_meta = table(
+        (0, "o", string("image")),
+        (1, "o", string("RGB input image; normalise as (pixel - mean) / std when mean/std are given.")),
+        (3, "o", table((0, "B", _CONTENT_IMAGE), (1, "o", image))),
+        (4, "o", units),
+        (5, "o", stats),
+    )
+    label_files = None
+    if with_labels:
+        label_files = vec([assoc(LABELS_FILE, "Class names, one per line.", _FILE_TENSOR_AXIS_LABELS)])
+    output_meta = table(
+        (0, "o", string("scores")),
+        (1, "o", string("Class scores, one per label.")),
+        (3, "o", table((0, "B", _CONTENT_FEATURE), (1, "o", table()))),
+        (6, "o", label_files),
+    )
+    subgraph = table((_SG_INPUTS, "o", vec([input_meta])), (_SG_OUTPUTS, "o", vec([output_meta])))
+    model_files = vec([assoc(INFO_FILE, "edgesqz model information (JSON).", _FILE_DESCRIPTIONS)])
+    root = table(
+        (0, "o", string(name)),
+        (1, "o", string(description)),
+        (2, "o", string(version)),
+        (_MM_SUBGRAPHS, "o", vec([subgraph])),
+        (4, "o", string(author)),
+        (5, "o", string(license)),
+        (_MM_FILES, "o", model_files),
+        (7, "o", string(MIN_PARSER_VERSION)),
+    )
+    b.Finish(root, file_identifier=_METADATA_ID)
+    return bytes(b.Output())
+
+
+class _AlignedBuilder(flatbuffers.Builder):
+    """Keeps uint8 vectors (tensor data) 16-byte aligned, as the TFLite converter does (force_align)."""
+
+    def CreateNumpyVector(self, x: np.ndarray) -> int:
+        if x.dtype == np.uint8:
+            self.Prep(16, x.size)
+        return super().CreateNumpyVector(x)
+
+
+def _set_metadata_buffer(model: bytes, metadata: bytes) -> bytes:
+    """Rebuild the model flatbuffer with one TFLITE_METADATA entry; drops any tail after it."""
+    try:
+        from ai_edge_litert import schema_py_generated as fb  # host-side only
+    except ImportError as e:
+        raise EdgesqzError("embedding metadata needs ai-edge-litert: pip install ai-edge-litert") from e
+
+    try:
+        m = fb.ModelT.InitFromPackedBuf(model, 0)
+    except _PARSE_ERRORS as e:
+        raise _not_tflite("the model data", "corrupt flatbuffer") from e
+    if any(buf.offset > 1 for buf in m.buffers or []):
+        raise EdgesqzError("this model keeps its weights outside the flatbuffer (> 2 GB); cannot embed metadata")
+    sg = m.subgraphs[0]
+    if len(sg.inputs if sg.inputs is not None else []) != 1 or len(sg.outputs if sg.outputs is not None else []) != 1:
+        raise EdgesqzError("metadata needs a model with exactly one input and one output tensor")
+    m.buffers = m.buffers or []
+    data = np.frombuffer(metadata, dtype=np.uint8)
+    entries = [e for e in m.metadata or [] if _as_str(e.name) == METADATA_NAME]
+    if entries:  # replace in place, like the tflite-support populator; drop duplicates
+        m.buffers[entries[0].buffer] = fb.BufferT(data=data)
+        m.metadata = [e for e in m.metadata if e is entries[0] or _as_str(e.name) != METADATA_NAME]
+    else:
+        m.buffers.append(fb.BufferT(data=data))
+        m.metadata = [*(m.metadata or []), fb.MetadataT(name=METADATA_NAME, buffer=len(m.buffers) - 1)]
+    b = _AlignedBuilder(len(model) + len(metadata) + 4096)
+    b.Finish(m.Pack(b), file_identifier=_TFLITE_ID)
+    return bytes(b.Output())
+
+
+def _as_str(s: str | bytes | None) -> str | None:
+    return s.decode("utf-8") if isinstance(s, bytes) else s
+
+
+def embed_metadata(
+    model: bytes,
+    *,
+    labels: list[str] | None,
+    info: dict,
+    name: str,
+    description: str,
+    version: str,
+    author: str = "edgesqz",
+    license: str = "",
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    input_min: float | None = None,
+    input_max: float | None = None,
+) -> bytes:
+    """Return new model bytes with TFLITE_METADATA + zip of labels.txt and edgesqz.json.
+
+    Existing metadata entries are kept, an old TFLITE_METADATA entry and zip tail are replaced.
+    """
+    model = bytes(model)
+    if len(model) < 8 or model[4:8] != _TFLITE_ID:
+        raise _not_tflite("the model data", "no TFL3 file identifier")
+    try:
+        _find_metadata_buffer(model)
+    except _PARSE_ERRORS as e:
+        raise _not_tflite("the model data", "corrupt or truncated flatbuffer") from e
+    if (mean is None) != (std is None):
+        raise EdgesqzError("give both mean and std for input normalisation, or neither")
+    if labels is not None:
+        bad = [i for i, label in enumerate(labels) if "\n" in label or "\r" in label]
+        if bad:
+            raise EdgesqzError(f"label {bad[0]} contains a line break; labels.txt holds one label per line")
+    metadata = _build_model_metadata(
+        name=name,
+        description=description,
+        version=version,
+        author=author,
+        license=license,
+        with_labels=labels is not None,
+        mean=mean,
+        std=std,
+        input_min=input_min,
+        input_max=input_max,
+    )
+    out = io.BytesIO()
+    out.write(_set_metadata_buffer(model, metadata))
+    # Zip written after the flatbuffer with absolute offsets, as the standard populator's
+    # ZipFile(model, "a") does. Stored (uncompressed) with a fixed date: deterministic bytes.
+    files = {INFO_FILE: json.dumps(info, indent=2, sort_keys=True).encode("utf-8")}
+    if labels is not None:
+        files = {LABELS_FILE: "".join(f"{label}\n" for label in labels).encode("utf-8"), **files}
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:
+        for fname, payload in files.items():
+            zf.writestr(zipfile.ZipInfo(fname, date_time=(1980, 1, 1, 0, 0, 0)), payload)
+    return out.getvalue()

@@ -19,7 +19,7 @@ The ImageNet mean/std go into the model in one of two places (``normalization``)
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Literal
+from typing import Literal
 
 import keras
 import numpy as np
@@ -131,27 +131,3 @@ def representative_dataset(images: np.ndarray) -> Callable[[], Iterator[list[np.
             yield [x]
 
     return gen
-
-
-def graph_summary(model_bytes: bytes) -> dict[str, Any]:
-    """Op counts and tensor dtypes of a TFLite model, read without creating an interpreter."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    m = schema.Model.GetRootAs(model_bytes, 0)
-    builtin_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
-    codes = []
-    for i in range(m.OperatorCodesLength()):
-        oc = m.OperatorCodes(i)
-        code = max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode())
-        codes.append(builtin_names.get(code, str(code)))
-    ops: dict[str, int] = {}
-    dtypes: dict[str, int] = {}
-    sub = m.Subgraphs(0)
-    for i in range(sub.OperatorsLength()):
-        name = codes[sub.Operators(i).OpcodeIndex()]
-        ops[name] = ops.get(name, 0) + 1
-    for i in range(sub.TensorsLength()):
-        t = type_names.get(sub.Tensors(i).Type(), "?")
-        dtypes[t] = dtypes.get(t, 0) + 1
-    return {"subgraphs": m.SubgraphsLength(), "ops": ops, "tensor_types": dtypes}

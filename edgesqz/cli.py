@@ -39,6 +39,128 @@ def _root(
     """SqueezeNet on the edge."""
 
 
+@app.command()
+def convert(
+    weights: Annotated[str, typer.Option("--weights", "-w", help="'torchvision' (download once), a .pth state_dict, "
+                                         "or a .keras model from 'edgesqz train'.")] = "torchvision",
+    version: Annotated[str | None, typer.Option("--version", help="1_0 or 1_1 (default: from the weights).")] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Full-integer int8 (default).")] = False,
+    float16: Annotated[bool, typer.Option("--float16", help="float16 weights.")] = False,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic range: int8 weights, float activations.")] = False,
+    float32: Annotated[bool, typer.Option("--float32", help="Plain float32.")] = False,
+    calib: Annotated[str | None, typer.Option("--calib", help="Calibration images: a folder (recursive) or a "
+                                              "video file. Required for --int8.")] = None,
+    calib_count: Annotated[int, typer.Option("--calib-count", help="How many calibration images.")] = 200,
+    io: Annotated[str, typer.Option("--io", help="int8 model input/output type: int8 or uint8.")] = "int8",
+    input_size: Annotated[int, typer.Option("--input-size", help="Square input size in pixels.")] = 224,
+    labels: Annotated[str | None, typer.Option("--labels", help="Class names: .txt (one per line), .json list, "
+                                               "or imagenet_class_index.json.")] = None,
+    check: Annotated[str | None, typer.Option("--check", help="Labelled folder (<wnid>_*.JPEG or one sub-folder "
+                                              "per class) to measure float vs exported accuracy on.")] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="With --check: fail (exit 3, no model "
+                                                   "written) if top-1 drops more than this many points.")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Output .tflite (default: the models "
+                                               "folder; run/classify then use it).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    normalization: Annotated[str, typer.Option("--normalization", help="Where the ImageNet mean/std go: 'fold' "
+                                               "(into conv 1, exact) or 'layer'.")] = "fold",
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Convert SqueezeNet weights to a self-describing TFLite model (full int8 by default)."""
+    import json
+
+    from edgesqz.console import err, human_size, progress_bars
+    from edgesqz.converters.convert import ConvertOptions
+    from edgesqz.converters.convert import convert as run_convert
+
+    chosen = [name for name, flag in (("int8", int8), ("float16", float16), ("dynamic", dynamic),
+                                      ("float32", float32)) if flag]
+    if len(chosen) > 1:
+        raise EdgesqzError(f"choose one format, not {' and '.join('--' + c for c in chosen)}")
+    opts = ConvertOptions(version=version, weights=weights, fmt=chosen[0] if chosen else "int8", calib=calib,
+                          calib_count=calib_count, io=io, input_size=input_size, labels=labels, check=check,
+                          max_drop=max_drop, output=output, force=force, normalization=normalization)
+    with progress_bars(enabled=not json_out) as bars:
+        result = run_convert(opts, bars)
+    for warning in result.warnings:
+        err.print(f"[yellow]warning:[/] {warning}")
+    rep = result.report
+    if json_out:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    from rich.table import Table
+
+    acc = rep["accuracy"]
+    table = Table(title=f"edgesqz convert: {rep['architecture']} {rep['format']}", title_justify="left")
+    for col in ("model", "size", "top-1", "top-5", "agreement", "top-1 drop"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    if acc:
+        table.add_row("float (Keras)", "", f"{acc['reference']['top1']:.2f}", f"{acc['reference']['top5']:.2f}", "", "")
+    table.add_row(rep["format"], human_size(rep["size_bytes"]),
+                  f"{acc['model']['top1']:.2f}" if acc else "-", f"{acc['model']['top5']:.2f}" if acc else "-",
+                  f"{acc['top1_agreement']:.2f} %" if acc else "-", f"{acc['top1_drop']:+.2f}" if acc else "-")
+    err.print(table)
+    err.print("ops: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["graph"]["ops"].items()))
+              + "; tensor types: " + ", ".join(sorted(rep["graph"]["tensor_types"])))
+    if acc:
+        err.print(f"checked on {acc['images']} images ({acc['excluded_calibration_images']} calibration images left "
+                  f"out); {len(acc['classes_changed'])} classes changed; {acc['tied_top_outputs']:.1f} % tied top "
+                  "outputs")
+    err.print(f"wrote {result.path}\nreport {result.report_path}")
+
+
+@app.command()
+def info(
+    model: Annotated[str, typer.Argument(help="A .tflite model.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Show a model's embedded metadata, tensors, ops and sizes."""
+    import json
+
+    from edgesqz.console import human_size, out
+    from edgesqz.modelinfo import describe
+
+    d = describe(model)
+    if json_out:
+        typer.echo(json.dumps(d, indent=2))
+        return
+    meta = d["info"]
+    out.print(f"[bold]{d['model']}[/]  {human_size(d['size_bytes'])}  {d['name'] or '(no name)'}")
+    if meta:
+        out.print(f"  architecture {meta.get('architecture')}, format {meta.get('format')}, "
+                  f"input {meta.get('input', {}).get('size')} px {meta.get('input', {}).get('color_order')}, "
+                  f"output {meta.get('output', {}).get('kind')}")
+        pre = meta.get("preprocessing", {})
+        out.print(f"  preprocessing: {pre.get('resize')}, crop {pre.get('crop_fraction', 0):.3f}, "
+                  f"{pre.get('interpolation')}, mean/std inside the model")
+        src = meta.get("source_weights") or {}
+        out.print(f"  weights: {src.get('source')} sha256 {str(src.get('sha256'))[:16]}...")
+        if meta.get("calibration"):
+            c = meta["calibration"]
+            out.print(f"  calibration: {c.get('count')} {c.get('kind')} images from {c.get('source')} "
+                      f"({c.get('skipped')} skipped)")
+        if meta.get("accuracy"):
+            a = meta["accuracy"]
+            out.print(f"  accuracy on {a['images']} images: float top-1 {a['reference']['top1']:.2f}, "
+                      f"model top-1 {a['model']['top1']:.2f} / top-5 {a['model']['top5']:.2f}, "
+                      f"agreement {a['top1_agreement']:.2f} %")
+    else:
+        out.print("  no edgesqz metadata")
+    if d["labels"]:
+        out.print(f"  labels: {d['labels']['count']} ({', '.join(d['labels']['first'])}, ...)")
+    for kind in ("inputs", "outputs"):
+        for t in d[kind]:
+            q = t["quantization"]
+            qs = f" scale {q['scale']:.6g} zero {q['zero_point']}" if q else ""
+            out.print(f"  {kind[:-1]} {t['name']}: {t['dtype']} {t['shape']}{qs}")
+    g = d["graph"]
+    out.print(f"  ops: {', '.join(f'{k} {v}' for k, v in sorted(g['ops'].items()))}")
+    out.print(f"  tensor types: {', '.join(f'{k} {v}' for k, v in sorted(g['tensor_types'].items()))}")
+    x = d["runtime"]["xnnpack"]
+    out.print(f"  runtime: {d['runtime']['backend']} {d['runtime']['version']}; XNNPACK "
+              f"{x['delegated_ops']}/{x['total_ops']} ops")
+
+
 def main() -> None:
     try:
         app()

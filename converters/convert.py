@@ -1,0 +1,330 @@
+"""``edgesqz convert`` as a library call: weights -> Keras -> .tflite with metadata and a report.
+
+Order matters for the user: every argument is checked (output path, calibration source,
+labels, weights) before TensorFlow is even imported, and the model file appears, atomically,
+only once everything succeeded (including the ``--max-drop`` gate).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesqz.datasets import ImageSet, calibration_set, labelled_files, load_images
+from edgesqz.errors import AccuracyGateError, EdgesqzError
+from edgesqz.imaging import Preprocessing, is_video
+from edgesqz.labels import Labels, load_labels
+from edgesqz.paths import default_model_path
+from edgesqz.quiet import captured_output, quiet_tensorflow_env
+from edgesqz.schema import report
+from edgesqz.weights import ResolvedWeights, resolve
+
+# Measured on SqueezeNet 1.1 (benchmarks/calibration_count.py): accuracy stops improving
+# well before 200 images, and 200 images take a few seconds to calibrate.
+DEFAULT_CALIB_COUNT = 200
+
+ProgressFactory = Callable[[str, int], Callable[[int], None]]
+
+
+def _no_progress(_: str, __: int) -> Callable[[int], None]:
+    return lambda _n: None
+
+
+@dataclass
+class ConvertOptions:
+    version: str | None = None  # None: detect from the weights
+    weights: str = "torchvision"
+    fmt: str = "int8"
+    calib: str | None = None
+    calib_count: int = DEFAULT_CALIB_COUNT
+    io: str = "int8"
+    input_size: int = 224
+    labels: str | None = None
+    check: str | None = None
+    max_drop: float | None = None
+    output: str | None = None
+    force: bool = False
+    normalization: str = "fold"
+    seed: int = 0
+
+
+@dataclass
+class ConvertResult:
+    path: Path
+    report_path: Path
+    report: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+
+
+def output_path(opts: ConvertOptions, version: str) -> Path:
+    if opts.output:
+        return Path(opts.output).expanduser()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return default_model_path().parent / f"squeezenet{version}-{opts.fmt}-{stamp}.tflite"
+
+
+def _check_writable(path: Path, force: bool) -> None:
+    if path.suffix != ".tflite":
+        raise EdgesqzError(f"output {path} must end in .tflite")
+    if path.exists() and not force:
+        raise EdgesqzError(f"{path} already exists; pass --force to replace it or choose another -o")
+    if path.is_dir():
+        raise EdgesqzError(f"output {path} is a folder; give a file name ending in .tflite")
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise EdgesqzError(f"cannot create folder {parent}: {exc.strerror}") from exc
+    if not os.access(parent, os.W_OK):
+        raise EdgesqzError(f"cannot write to {parent}: permission denied; choose another -o")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _point_latest(path: Path) -> None:
+    """Make ``latest.tflite`` in the default folder point at ``path`` (atomically)."""
+    latest = default_model_path()
+    tmp = latest.with_name(f".latest.{os.getpid()}")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    tmp.symlink_to(path.name if path.parent == latest.parent else path)
+    os.replace(tmp, latest)
+
+
+def _load_keras_model(resolved: ResolvedWeights, version: str | None, classes: int | None) -> tuple[Any, str]:
+    """The float Keras model (logits out) and its version."""
+    from edgesqz.squeezenet import SqueezeNet
+
+    if resolved.kind == "keras_model":
+        import keras
+
+        try:
+            model = keras.saving.load_model(resolved.path, compile=False)
+        except Exception as exc:  # Keras raises many types for a bad archive
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EdgesqzError(f"cannot load Keras model {resolved.path}: {first[:160]}") from exc
+        try:
+            kernel = model.get_layer("features.0").kernel
+        except ValueError as exc:
+            raise EdgesqzError(f"{resolved.path} is not an edgesqz SqueezeNet (no layer features.0)") from exc
+        found = "1_0" if kernel.shape[0] == 7 else "1_1"
+        if version and version != found:
+            raise EdgesqzError(f"{resolved.path} is SqueezeNet {found}, not {version}: pass --version {found}")
+        return model, found
+
+    from edgesqz.converters.torch_import import detect_version, load_state_dict, num_classes, state_dict_to_keras
+
+    state = load_state_dict(resolved.path)
+    found = detect_version(state)
+    if found is None:
+        raise EdgesqzError(f"{resolved.path} is not a SqueezeNet state_dict (no features.0.weight of a known shape)")
+    if version and version != found:
+        # state_dict_to_keras words this error; call it with a model of the requested version
+        state_dict_to_keras(state, SqueezeNet(version, classifier_activation=None), version=version)
+    weight_classes = num_classes(state) or 1000
+    if classes is not None and classes != weight_classes:
+        raise EdgesqzError(
+            f"the labels have {classes} entries but the weights have {weight_classes} classes; pass the labels "
+            "file that belongs to these weights"
+        )
+    model = SqueezeNet(found, classes=weight_classes, classifier_activation=None)
+    state_dict_to_keras(state, model, version=found)
+    return model, found
+
+
+def _keras_labels(model: Any) -> Labels | None:
+    names = getattr(model, "edgesqz_labels", None)
+    return Labels(tuple(names)) if names else None
+
+
+def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> ConvertResult:
+    """Run the whole conversion; see the module docstring for the guarantees."""
+    from edgesqz.converters.export import FORMATS
+
+    if opts.fmt not in FORMATS:
+        raise EdgesqzError(f"unknown format {opts.fmt!r}; use one of {', '.join(FORMATS)}")
+    if opts.io not in ("int8", "uint8"):
+        raise EdgesqzError(f"--io must be int8 or uint8, not {opts.io!r}")
+    if opts.calib_count < 1:
+        raise EdgesqzError(f"--calib-count must be >= 1, got {opts.calib_count}")
+    if opts.fmt == "int8" and not opts.calib:
+        raise EdgesqzError(
+            "--int8 needs real calibration images: pass --calib DIR (a folder of photos like the ones the camera "
+            "will see, ~200 are enough) or --calib VIDEO.mp4"
+        )
+    if opts.calib:
+        calib = Path(opts.calib)
+        if not calib.exists():
+            raise EdgesqzError(f"calibration source {calib} does not exist")
+        if calib.is_file() and not is_video(calib):
+            raise EdgesqzError(f"--calib {calib}: give a folder of images or a video file (.mp4, .avi, ...)")
+    if opts.max_drop is not None and not opts.check:
+        raise EdgesqzError("--max-drop needs --check DIR (a labelled folder to measure the drop on)")
+    if opts.version is not None and opts.version not in ("1_0", "1_1"):
+        raise EdgesqzError(f"--version must be 1_0 or 1_1, not {opts.version!r}")
+    labels = load_labels(opts.labels) if opts.labels else None
+    if opts.check and not Path(opts.check).is_dir():
+        raise EdgesqzError(f"--check {opts.check} is not a folder")
+    if opts.output:
+        _check_writable(Path(opts.output).expanduser(), opts.force)
+    resolved = resolve(opts.weights, opts.version or "1_1")
+
+    quiet_tensorflow_env()
+    log: list[str] = []
+    with captured_output(log):  # TensorFlow's import banner (CUDA probing, CPU features)
+        import keras  # noqa: F401
+    from edgesqz.converters.export import pixel_model, representative_dataset, to_tflite
+
+    from edgesqz.modelinfo import graph_summary
+    from edgesqz.squeezenet import min_input_size
+
+    model, version = _load_keras_model(resolved, opts.version, len(labels) if labels else None)
+    if opts.input_size < min_input_size(version):
+        raise EdgesqzError(f"--input-size {opts.input_size} is below SqueezeNet {version}'s minimum "
+                           f"{min_input_size(version)}")
+    classes = model.get_layer("classifier.1").filters
+    warnings: list[str] = []
+    if labels is None:
+        labels = _keras_labels(model)
+    if labels is None:
+        labels = Labels.numbered(classes)
+        warnings.append(f"no --labels given: the model's {classes} classes are named class_0.. ; pass --labels FILE")
+    elif len(labels) != classes:
+        raise EdgesqzError(f"the labels have {len(labels)} entries but the model has {classes} classes")
+    out_path = output_path(opts, version)
+    _check_writable(out_path, opts.force)
+
+    pre = Preprocessing(size=opts.input_size)
+    float_model = pixel_model(model, size=opts.input_size, normalization=opts.normalization)  # type: ignore[arg-type]
+
+    calibration: ImageSet | None = None
+    if opts.fmt == "int8":
+        assert opts.calib
+        count = opts.calib_count
+        calibration = calibration_set(opts.calib, count, pre, seed=opts.seed, progress=progress("calibration images",
+                                                                                                 count))
+        if calibration.skipped:
+            warnings.append(f"skipped {len(calibration.skipped)} unreadable calibration images "
+                            f"(e.g. {calibration.skipped[0]})")
+    representative = representative_dataset(calibration.images) if calibration is not None else None
+    try:
+        with captured_output(log):
+            tflite = to_tflite(float_model, opts.fmt, representative=representative, io=opts.io)  # type: ignore[arg-type]
+    except EdgesqzError:
+        raise
+    except Exception as exc:  # the converter raises many types; keep its log for the user
+        log_path = out_path.with_suffix(".convert.log")
+        atomic_write(log_path, "".join(log).encode())
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgesqzError(f"the TFLite converter failed: {first[:160]} (its log: {log_path})") from exc
+
+    accuracy_block = None
+    if opts.check:
+        accuracy_block = _check(float_model, tflite, opts.check, labels, pre, calibration, progress)
+
+    info = _model_info(opts, version, pre, labels, resolved, calibration, accuracy_block, classes)
+    from edgesqz.tflite_metadata import embed_metadata
+
+    final = embed_metadata(
+        tflite, labels=list(labels.names), info=info, name=f"SqueezeNet {version.replace('_', '.')} ({opts.fmt})",
+        description=f"SqueezeNet {version.replace('_', '.')} image classifier, {opts.fmt}, RGB pixels in "
+                    "(normalisation inside the model); made by edgesqz",
+        version=str(info["edgesqz_version"]), mean=[0.0], std=[1.0], input_min=0.0, input_max=255.0,
+    )
+    graph = graph_summary(tflite)
+    rep = report(
+        "convert_report",
+        model=str(out_path), format=opts.fmt, io=opts.io if opts.fmt == "int8" else "float32",
+        architecture=f"squeezenet{version}", input_size=opts.input_size,
+        size_bytes=len(final), size_bytes_without_metadata=len(tflite), graph=graph,
+        source_weights=resolved.meta(), calibration=info.get("calibration"), accuracy=accuracy_block,
+        warnings=warnings,
+    )
+    report_path = out_path.with_suffix(".report.json")
+    if accuracy_block and opts.max_drop is not None and accuracy_block["top1_drop"] > opts.max_drop:
+        import json
+
+        rejected = out_path.with_suffix(".rejected.report.json")
+        atomic_write(rejected, (json.dumps(rep, indent=2) + "\n").encode())
+        raise AccuracyGateError(
+            f"{opts.fmt} loses {accuracy_block['top1_drop']:.2f} top-1 points (> --max-drop {opts.max_drop}); "
+            f"model not written, report in {rejected}"
+        )
+    import json
+
+    atomic_write(out_path, final)
+    atomic_write(report_path, (json.dumps(rep, indent=2) + "\n").encode())
+    if not opts.output:
+        _point_latest(out_path)
+    return ConvertResult(out_path, report_path, rep, warnings)
+
+
+def _check(float_model: Any, tflite: bytes, folder: str, labels: Labels, pre: Preprocessing,
+           calibration: ImageSet | None, progress: ProgressFactory) -> dict[str, Any]:
+    from edgesqz.converters.check import compare, tflite_outputs
+
+    lf = labelled_files(folder, labels)
+    used = {str(Path(s).resolve()) for s in calibration.sources} if calibration is not None else set()
+    pairs = [(f, t) for f, t in zip(lf.files, lf.targets, strict=True) if str(f.resolve()) not in used]
+    excluded = len(lf.files) - len(pairs)
+    if not pairs:
+        raise EdgesqzError(f"every image in {folder} was used for calibration; check on other images")
+    data = load_images([f for f, _ in pairs], pre, progress("check images (decode)", len(pairs)))
+    ok = set(data.sources)
+    targets = np.array([t for f, t in pairs if str(f) in ok])
+    reference = float_model.predict(data.images.astype(np.float32), batch_size=32, verbose=0)
+    with captured_output([]):  # the runtime prints its XNNPACK banner to fd 2
+        outputs = tflite_outputs(tflite, data.images,
+                                 progress=progress("check images (exported model)", len(targets)))
+    block = compare(reference, outputs, targets, labels.names)
+    block.update({"folder": str(folder), "labelled_by": lf.scheme, "excluded_calibration_images": excluded,
+                  "skipped_unreadable": len(data.skipped)})
+    return block
+
+
+def _model_info(opts: ConvertOptions, version: str, pre: Preprocessing, labels: Labels, resolved: ResolvedWeights,
+                calibration: ImageSet | None, accuracy_block: dict[str, Any] | None, classes: int) -> dict[str, Any]:
+    from edgesqz import __version__
+
+    in_dtype = (opts.io if opts.fmt == "int8" else "float32")
+    info: dict[str, Any] = {
+        "schema": "edgesqz.model/1",
+        "task": "image_classification",
+        "architecture": f"squeezenet{version}",
+        "format": opts.fmt,
+        "input": {"size": opts.input_size, "layout": "NHWC", "color_order": "RGB", "range": [0, 255],
+                  "dtype": in_dtype, "normalization": "inside"},
+        "preprocessing": pre.to_dict(),
+        "output": {"kind": "logits", "classes": classes},
+        "labels": {"count": len(labels), "ids": list(labels.ids) if labels.ids else None},
+        "source_weights": resolved.meta(),
+        "quantization": {"normalization": opts.normalization},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "edgesqz_version": __version__,
+    }
+    if calibration is not None:
+        info["calibration"] = {"source": str(opts.calib), "seed": opts.seed, "method": "min/max (TFLiteConverter)",
+                               **calibration.summary()}
+    if accuracy_block is not None:
+        info["accuracy"] = {k: v for k, v in accuracy_block.items() if k != "classes_changed"}
+    return info

@@ -1,0 +1,361 @@
+"""Better full-integer (int8) post-training quantisation for SqueezeNet pixel models.
+
+Three independent, sound transforms (measured in ``benchmarks/quant_ablation.py``):
+
+- **Class-map head** (:func:`class_map_model`, :func:`pool_class_map`): the int8 graph stops at
+  ``classifier.2`` (ReLU of the final 1x1 conv, N x N x classes) and the device averages that map
+  in float. SqueezeNet's logits are a global average of the class map, so this is the same
+  function, but the averaged int8 map has ~N*N times finer resolution than an int8 logit
+  (whose scale is ~0.2 logit), so ties and rank flips between close classes disappear.
+- **Equalisation** (:func:`equalize`): positive per-channel rescaling between a convolution and its
+  consumers (ReLU and max-pool commute with it), as in Nagel et al. 2019, "Data-free quantization
+  through weight equalization and bias correction". ``method="weights"`` is their data-free
+  cross-layer equalisation; ``method="activations"`` balances the calibrated per-channel
+  activation range against the consumer's weight range (what matters with per-tensor activations
+  and per-channel weights). The float function is unchanged.
+- **Empirical bias correction** (:func:`bias_correct`): convert, run the int8 model on calibration
+  images, measure each convolution's mean pre-activation error per output channel (int8 input and
+  int8 weights vs the float model) and subtract it from the float bias.
+
+Everything returns a new Keras model and leaves its argument untouched. :func:`pool_class_map` is
+numpy only, so the device can import this module without TensorFlow (Keras is imported lazily).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from edgesqz.errors import EdgesqzError
+
+if TYPE_CHECKING:
+    import keras
+
+EqualizeMethod = Literal["weights", "activations"]
+
+# Layers between a convolution and its consumers that commute with a positive per-channel scale.
+_SCALE_COMMUTING = ("ReLU", "MaxPooling2D", "ZeroPadding2D", "Dropout", "Concatenate", "InputLayer")
+
+
+# --------------------------------------------------------------------------------------------
+# Class-map head
+
+
+def class_map_model(model: keras.Model) -> keras.Model:
+    """``model`` (a SqueezeNet pixel model) without its final global average pool.
+
+    Output: the ReLU'd class map ``classifier.2`` (1, N, N, classes); its spatial mean is the
+    original model's logits. Shares layers (and weights) with ``model``.
+    """
+    import keras
+
+    try:
+        class_map = model.get_layer("classifier.2").output
+    except ValueError as err:
+        raise EdgesqzError("class_map_model needs a SqueezeNet with its classifier (classifier.2)") from err
+    return keras.Model(model.inputs, class_map, name=f"{model.name}_class_map")
+
+
+def pool_class_map(out: np.ndarray, scale: float = 1.0, zero_point: int = 0) -> np.ndarray:
+    """Logits from a class-map model's output: dequantise, then average over the spatial axes.
+
+    ``out`` is (N, H, W, C) or (H, W, C), int8/uint8 (pass the output tensor's ``scale`` and
+    ``zero_point``) or float. Returns float32 (N, C) or (C,). The mean is taken of the integers
+    first, so it costs one pass over the map.
+    """
+    if out.ndim not in (3, 4):
+        raise EdgesqzError(f"expected a class map (H, W, C) or (N, H, W, C), got shape {out.shape}")
+    axes = (-3, -2)
+    mean = out.astype(np.float32).mean(axis=axes) if np.issubdtype(out.dtype, np.integer) else out.mean(axis=axes)
+    return ((mean - zero_point) * scale).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Equalisation
+
+
+@dataclass(frozen=True)
+class ScalePair:
+    """Channels that can be rescaled together.
+
+    ``producers`` are convolutions whose output channels, concatenated in this order, form the
+    tensor that every convolution in ``consumers`` reads (through ReLU / max-pool only).
+    """
+
+    producers: tuple[str, ...]
+    consumers: tuple[str, ...]
+
+
+def scale_pairs(model: keras.Model) -> list[ScalePair]:
+    """The producer/consumer pairs of a plain SqueezeNet (1.0 or 1.1, no batch norm, no bypass)."""
+    names = {layer.name for layer in model.layers}
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind in ("BatchNormalization", "Add"):
+            raise EdgesqzError(f"equalisation supports plain SqueezeNet only; found {kind} layer {layer.name!r}")
+    blocks: list[tuple[tuple[str, ...], tuple[str, ...]]] = []  # (outputs, inputs) of conv / fire in order
+    for layer in model.layers:
+        name = layer.name
+        if name == "features.0" or name == "classifier.1":
+            blocks.append(((name,), (name,)))
+        elif name.endswith(".squeeze") and f"{name[:-8]}.expand1x1" in names:
+            fire = name[: -len(".squeeze")]
+            blocks.append(((f"{fire}.expand1x1", f"{fire}.expand3x3"), (name,)))
+    if not blocks or blocks[0][0] != ("features.0",):
+        raise EdgesqzError("not a SqueezeNet: no features.0 convolution")
+    pairs = [ScalePair(outputs, inputs) for (outputs, _), (_, inputs) in pairwise(blocks)]
+    for _, inputs in blocks:
+        name = inputs[0]
+        if name.endswith(".squeeze"):
+            fire = name[: -len(".squeeze")]
+            pairs.append(ScalePair((name,), (f"{fire}.expand1x1", f"{fire}.expand3x3")))
+    return pairs
+
+
+def _clone(model: keras.Model) -> keras.Model:
+    import keras
+
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def _consumer_range(model: keras.Model, pair: ScalePair) -> np.ndarray:
+    """Per input channel: the largest |weight| over all consumers and their output channels."""
+    ranges = [np.abs(model.get_layer(name).get_weights()[0]).max(axis=(0, 1, 3)) for name in pair.consumers]
+    return np.max(ranges, axis=0)
+
+
+def _producer_range(model: keras.Model, pair: ScalePair) -> np.ndarray:
+    """Per output channel (concatenated): the largest |weight| of the producing filter."""
+    return np.concatenate([np.abs(model.get_layer(n).get_weights()[0]).max(axis=(0, 1, 2)) for n in pair.producers])
+
+
+def _apply_scale(model: keras.Model, pair: ScalePair, s: np.ndarray) -> None:
+    """Divide the pair's activation channels by ``s`` (> 0): producers / s, consumer inputs * s."""
+    start = 0
+    for name in pair.producers:
+        layer = model.get_layer(name)
+        kernel, bias = layer.get_weights()
+        part = s[start : start + kernel.shape[-1]]
+        start += kernel.shape[-1]
+        layer.set_weights([kernel / part, bias / part])
+    for name in pair.consumers:
+        layer = model.get_layer(name)
+        kernel, bias = layer.get_weights()
+        layer.set_weights([kernel * s[None, None, :, None], bias])
+
+
+def activation_ranges(model: keras.Model, images: np.ndarray, pairs: Sequence[ScalePair]) -> list[np.ndarray]:
+    """Per pair, the per-channel maximum of its (post-ReLU) activation over ``images`` (uint8 pixels)."""
+    import keras
+
+    outputs = []
+    for pair in pairs:
+        for name in pair.producers:
+            outputs.append(model.get_layer(_relu_after(name)).output)
+    probe = keras.Model(model.inputs, outputs)
+    maxima = [np.zeros(t.shape[-1], np.float64) for t in outputs]
+    for start in range(0, len(images), 16):
+        batch = images[start : start + 16].astype(np.float32)
+        for j, y in enumerate(probe.predict_on_batch(batch) if len(outputs) > 1 else [probe.predict_on_batch(batch)]):
+            maxima[j] = np.maximum(maxima[j], np.asarray(y).max(axis=(0, 1, 2)))
+    result, k = [], 0
+    for pair in pairs:
+        result.append(np.concatenate(maxima[k : k + len(pair.producers)]))
+        k += len(pair.producers)
+    return result
+
+
+def _relu_after(conv: str) -> str:
+    """Name of the ReLU layer that follows a SqueezeNet convolution (torchvision numbering)."""
+    if conv.startswith("features.") and conv.count(".") == 1:
+        return f"features.{int(conv.split('.')[1]) + 1}"
+    return f"{conv}_activation"
+
+
+def equalize(
+    model: keras.Model,
+    *,
+    method: EqualizeMethod = "weights",
+    calib_images: np.ndarray | None = None,
+    iterations: int = 20,
+    alpha: float = 0.5,
+) -> keras.Model:
+    """Cross-layer equalisation of a plain SqueezeNet (pixel) model; returns a rescaled copy.
+
+    For each channel ``c`` of a producer -> consumer pair the activation is divided by ``s_c > 0``
+    (producer weights and bias / s_c, consumer input weights * s_c): the float function is
+    unchanged up to rounding.
+
+    - ``"weights"`` (data-free, Nagel et al.): ``s_c = sqrt(r1_c / r2_c)`` with r1 the producer
+      filter's and r2 the consumer input channel's weight range, so both become sqrt(r1 r2).
+    - ``"activations"``: ``s_c = a_c**alpha / r2_c**(1 - alpha)`` with ``a_c`` the channel's
+      maximum activation on ``calib_images``; alpha=0.5 gives the activation range and the
+      consumer weight range the same value sqrt(a_c r2_c), which evens out the per-tensor
+      activation grid across channels.
+
+    Pairs share layers (a Fire's squeeze is a consumer of one pair and producer of the next), so
+    the scales are re-solved ``iterations`` times until they settle.
+    """
+    if method not in ("weights", "activations"):
+        raise EdgesqzError(f"method must be 'weights' or 'activations', not {method!r}")
+    if method == "activations" and (calib_images is None or len(calib_images) == 0):
+        raise EdgesqzError("equalize(method='activations') needs calibration images")
+    out = _clone(model)
+    pairs = scale_pairs(out)
+    act = activation_ranges(out, calib_images, pairs) if method == "activations" else None
+    for _ in range(iterations):
+        for k, pair in enumerate(pairs):
+            r2 = _consumer_range(out, pair)
+            r1 = act[k] if act is not None else _producer_range(out, pair)
+            ok = (r1 > 0) & (r2 > 0)
+            s = np.ones_like(r2, dtype=np.float64)
+            if act is None:
+                s[ok] = np.sqrt(r1[ok] / r2[ok])
+            else:
+                s[ok] = r1[ok] ** alpha / r2[ok] ** (1.0 - alpha)
+            _apply_scale(out, pair, s.astype(np.float32))
+            if act is not None:
+                act[k] = act[k] / s
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Bias correction
+
+
+Converter = Callable[["keras.Model"], bytes]
+
+
+def default_converter(calib_images: np.ndarray) -> Converter:
+    """The standard full-integer conversion calibrated on ``calib_images``."""
+    from edgesqz.converters.export import representative_dataset, to_tflite
+
+    def convert(model: keras.Model) -> bytes:
+        return to_tflite(model, "int8", representative=representative_dataset(calib_images))
+
+    return convert
+
+
+@dataclass(frozen=True)
+class _QuantConv:
+    name: str
+    input_index: int
+    kernel: np.ndarray  # dequantised, HWIO
+    bias: np.ndarray  # dequantised
+
+
+def _quantized_convs(model_bytes: bytes, interpreter: object) -> list[_QuantConv]:
+    """Every CONV_2D of a TFLite model: Keras layer name, input tensor, dequantised weights."""
+    import re
+
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.Model.GetRootAs(model_bytes, 0)
+    sub = m.Subgraphs(0)
+    conv_code = schema.BuiltinOperator.CONV_2D
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}  # type: ignore[attr-defined]
+
+    def dequantize(index: int) -> np.ndarray:
+        q = details[index]["quantization_parameters"]
+        values = interpreter.get_tensor(index).astype(np.float64)  # type: ignore[attr-defined]
+        scales, zeros = q["scales"], q["zero_points"]
+        shape = [-1] + [1] * (values.ndim - 1)
+        return (values - zeros.reshape(shape)) * scales.reshape(shape)
+
+    convs = []
+    for i in range(sub.OperatorsLength()):
+        op = sub.Operators(i)
+        oc = m.OperatorCodes(op.OpcodeIndex())
+        if max(oc.BuiltinCode(), oc.DeprecatedBuiltinCode()) != conv_code:
+            continue
+        x, w, b = (int(v) for v in op.InputsAsNumpy()[:3])
+        found = re.search(r"/([^/;]+?)(?:_\d+)?/convolution$", sub.Tensors(w).Name().decode())
+        if found is None:
+            raise EdgesqzError(f"cannot tell which layer TFLite weight tensor {sub.Tensors(w).Name()!r} belongs to")
+        kernel = dequantize(w).transpose(1, 2, 3, 0)  # OHWI -> HWIO
+        convs.append(_QuantConv(found.group(1), x, kernel.astype(np.float32), dequantize(b).astype(np.float32)))
+    return convs
+
+
+def conv_errors(model: keras.Model, model_bytes: bytes, calib_images: np.ndarray) -> dict[str, np.ndarray]:
+    """Mean pre-activation error (int8 model - float model) per output channel of every convolution.
+
+    The int8 side is each convolution's real int8 input (from the TFLite interpreter) times its
+    int8 weights plus its int32 bias, dequantised; the float side is the Keras layer's output.
+    """
+    import keras
+    import tensorflow as tf
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(
+        model_content=model_bytes,
+        experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+        experimental_preserve_all_tensors=True,
+    )
+    interpreter.allocate_tensors()
+    convs = _quantized_convs(model_bytes, interpreter)
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    inp = interpreter.get_input_details()[0]
+    probe = keras.Model(model.inputs, [model.get_layer(c.name).output for c in convs])
+    sums = {c.name: np.zeros(c.kernel.shape[-1], np.float64) for c in convs}
+    count = {c.name: 0 for c in convs}
+    batch_size = 8
+    for start in range(0, len(calib_images), batch_size):
+        batch = calib_images[start : start + batch_size]
+        floats = probe.predict_on_batch(batch.astype(np.float32))
+        quant_inputs: list[list[np.ndarray]] = [[] for _ in convs]
+        for image in batch:
+            scale, zero = inp["quantization"]
+            x = np.round(image.astype(np.float32) / scale + zero).clip(-128, 127) if scale else image
+            interpreter.set_tensor(inp["index"], x.astype(inp["dtype"])[None])
+            interpreter.invoke()
+            for j, c in enumerate(convs):
+                s, z = details[c.input_index]["quantization"]
+                quant_inputs[j].append((interpreter.get_tensor(c.input_index)[0].astype(np.float32) - z) * s)
+        for j, c in enumerate(convs):
+            layer = model.get_layer(c.name)
+            xq = tf.constant(np.stack(quant_inputs[j]))
+            yq = tf.nn.conv2d(xq, c.kernel, strides=layer.strides, padding=layer.padding.upper()) + c.bias
+            diff = yq.numpy().astype(np.float64) - np.asarray(floats[j], np.float64)
+            sums[c.name] += diff.sum(axis=(0, 1, 2))
+            count[c.name] += diff.shape[0] * diff.shape[1] * diff.shape[2]
+    return {name: sums[name] / count[name] for name in sums}
+
+
+def bias_correct(
+    model: keras.Model,
+    calib_images: np.ndarray,
+    *,
+    passes: int = 1,
+    convert: Converter | None = None,
+) -> keras.Model:
+    """Empirical bias correction; returns a copy whose conv biases cancel the int8 mean error.
+
+    Each pass converts the current model with ``convert`` (default: the standard int8 recipe
+    calibrated on ``calib_images``), measures :func:`conv_errors` on ``calib_images`` and
+    subtracts them from the float biases. All layers are corrected at once per pass; a second
+    pass refines the deeper layers whose inputs the first pass changed.
+    """
+    if len(calib_images) == 0:
+        raise EdgesqzError("bias correction needs calibration images")
+    convert = convert or default_converter(calib_images)
+    out = _clone(model)
+    for _ in range(passes):
+        errors = conv_errors(out, convert(out), calib_images)
+        for name, err in errors.items():
+            layer = out.get_layer(name)
+            kernel, bias = layer.get_weights()
+            layer.set_weights([kernel, (bias - err).astype(bias.dtype)])
+    return out
+
+
+def max_abs_difference(a: keras.Model, b: keras.Model, images: np.ndarray) -> float:
+    """Largest absolute output difference of two float models on uint8 pixel ``images``."""
+    x = images.astype(np.float32)
+    return float(np.max(np.abs(a.predict(x, batch_size=16, verbose=0) - b.predict(x, batch_size=16, verbose=0))))

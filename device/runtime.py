@@ -1,0 +1,195 @@
+"""TFLite interpreter backends, delegates and graph facts — the bottom of the device stack.
+
+Backends, in order: ``ai_edge_litert`` (the maintained LiteRT runtime, a dependency),
+``tflite_runtime`` (legacy), ``tensorflow.lite`` (last resort; imports TensorFlow). The module
+itself imports none of them until an interpreter is made.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import importlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgesqz.errors import EdgesqzError
+
+BACKENDS: tuple[tuple[str, str], ...] = (
+    ("ai_edge_litert", "ai_edge_litert.interpreter"),
+    ("tflite_runtime", "tflite_runtime.interpreter"),
+    ("tensorflow", "tensorflow.lite"),
+)
+
+EDGETPU_LIBRARY = "libedgetpu.so.1"
+EDGETPU_HELP = (
+    "install the Edge TPU runtime (Coral's libedgetpu1-std package from Coral's apt repository) and plug in the "
+    "Coral; see README 'Coral Edge TPU'"
+)
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: Any  # module exposing Interpreter and load_delegate
+
+    @property
+    def version(self) -> str:
+        root = importlib.import_module(self.name)
+        return str(getattr(root, "__version__", "unknown"))
+
+
+def load_backend(preferred: str | None = None) -> Backend:
+    """The first importable backend (or ``preferred``); a clear error when none is installed."""
+    candidates = [b for b in BACKENDS if preferred in (None, b[0])]
+    if not candidates:
+        raise EdgesqzError(f"unknown backend {preferred!r}; use one of {', '.join(b[0] for b in BACKENDS)}")
+    errors = []
+    for name, module_name in candidates:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            errors.append(f"{name}: {exc}")
+            continue
+        return Backend(name, module)
+    raise EdgesqzError("no TFLite runtime is importable (" + "; ".join(errors) + "); pip install ai-edge-litert")
+
+
+def load_edgetpu_delegate(backend: Backend, device: str | None = None) -> Any:
+    """Load the Coral delegate; ``device`` is e.g. ``usb``, ``usb:0``, ``pci``, ``pci:0`` or None (any)."""
+    if device and not any(device == k or device.startswith(f"{k}:") for k in ("usb", "pci")):
+        raise EdgesqzError(f"unknown Edge TPU device {device!r}; use usb, usb:N, pci or pci:N")
+    if ctypes.util.find_library("edgetpu") is None and not _library_loadable(EDGETPU_LIBRARY):
+        raise EdgesqzError(f"the Edge TPU library {EDGETPU_LIBRARY} is not installed: {EDGETPU_HELP}")
+    options = {"device": device} if device else {}
+    try:
+        return backend.module.load_delegate(EDGETPU_LIBRARY, options)
+    except (ValueError, RuntimeError, OSError) as exc:
+        raise EdgesqzError(
+            f"no Edge TPU found{f' at {device}' if device else ''} ({str(exc).splitlines()[0] if str(exc) else exc}); "
+            "check the Coral is plugged in (lsusb shows 'Global Unichip' or 'Google'), then retry"
+        ) from exc
+
+
+def _library_loadable(name: str) -> bool:
+    try:
+        ctypes.CDLL(name)
+    except OSError:
+        return False
+    return True
+
+
+def check_model_file(path: str | os.PathLike[str]) -> bytes:
+    """Read a .tflite file and check it is one before any native code sees it."""
+    path = Path(path)
+    if not path.exists():
+        raise EdgesqzError(f"model {path} does not exist")
+    if path.is_dir():
+        raise EdgesqzError(f"model {path} is a folder; pass the .tflite file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EdgesqzError(f"cannot read model {path}: {exc.strerror}") from exc
+    # reuse the metadata reader's structural check (identifier, buffers inside the file)
+    from edgesqz.tflite_metadata import read_metadata
+
+    read_metadata(data)
+    return data
+
+
+def make_interpreter(
+    model: str | os.PathLike[str] | bytes,
+    *,
+    threads: int | None = None,
+    delegate: str | None = None,
+    backend: str | None = None,
+    xnnpack: bool = True,
+) -> tuple[Any, Backend]:
+    """Create and allocate an interpreter. ``delegate``: None (CPU, XNNPACK) or ``edgetpu[:usb|:pci...]``."""
+    if threads is not None and threads < 1:
+        raise EdgesqzError(f"--threads must be >= 1, got {threads}")
+    data = model if isinstance(model, bytes) else check_model_file(model)
+    be = load_backend(backend)
+    delegates = []
+    if delegate:
+        kind, _, device = delegate.partition(":")
+        if kind != "edgetpu":
+            raise EdgesqzError(
+                f"unknown delegate {delegate!r}; the only delegate is edgetpu (edgetpu:usb, edgetpu:pci)"
+            )
+        delegates.append(load_edgetpu_delegate(be, device or None))
+    kwargs: dict[str, Any] = {"model_content": data, "num_threads": threads}
+    if delegates:
+        kwargs["experimental_delegates"] = delegates
+    if not xnnpack:
+        resolver = be.module.OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        kwargs["experimental_op_resolver_type"] = resolver
+    try:
+        interpreter = be.module.Interpreter(**kwargs)
+        interpreter.allocate_tensors()
+    except (ValueError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise EdgesqzError(f"the runtime cannot load this model: {first}") from exc
+    return interpreter, be
+
+
+@dataclass(frozen=True)
+class Coverage:
+    """How much of the graph delegates (XNNPACK, Edge TPU) run."""
+
+    total_ops: int
+    delegated_ops: int
+    partitions: int
+
+    @property
+    def full(self) -> bool:
+        return self.total_ops > 0 and self.delegated_ops == self.total_ops
+
+    def describe(self, name: str = "XNNPACK") -> str:
+        if self.partitions == 0:
+            return f"{name}: not used"
+        if self.full:
+            return f"{name}: covers the whole graph ({self.total_ops} ops, {self.partitions} partition)"
+        return (f"{name}: {self.delegated_ops}/{self.total_ops} ops in {self.partitions} partition(s); "
+                f"{self.total_ops - self.delegated_ops} run on reference kernels")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total_ops": self.total_ops, "delegated_ops": self.delegated_ops, "partitions": self.partitions,
+                "full": self.full}
+
+
+def delegate_coverage(interpreter: Any) -> Coverage:
+    """Count the original ops that run inside DELEGATE nodes.
+
+    ``_get_ops_details()`` lists the original nodes and, after them, one DELEGATE node per
+    partition whose inputs/outputs are the partition's boundary tensors. An original op is
+    delegated when it lies on a path from a delegate's inputs to its outputs without producing
+    one of that delegate's inputs.
+    """
+    ops = interpreter._get_ops_details()
+    delegates = [op for op in ops if op["op_name"] == "DELEGATE"]
+    original = [op for op in ops if op["op_name"] != "DELEGATE"]
+    consumers: dict[int, list[int]] = {}
+    for i, op in enumerate(original):
+        for t in op["inputs"]:
+            consumers.setdefault(int(t), []).append(i)
+    covered: set[int] = set()
+    for d in delegates:
+        d_in = {int(t) for t in d["inputs"]}
+        d_out = {int(t) for t in d["outputs"]}
+        # forward from the delegate's inputs, stopping at its outputs
+        forward: set[int] = set()
+        stack = [i for t in d_in for i in consumers.get(t, [])]
+        while stack:
+            i = stack.pop()
+            if i in forward:
+                continue
+            outs = {int(t) for t in original[i]["outputs"]}
+            if outs & d_in:
+                continue
+            forward.add(i)
+            for t in outs - d_out:
+                stack.extend(consumers.get(t, []))
+        covered |= forward
+    return Coverage(len(original), len(covered), len(delegates))

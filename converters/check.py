@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from edgesqz.device.runtime import make_interpreter
 
 Progress = Callable[[int], None]

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from edgesqz.datasets import ImageSet, calibration_set, labelled_files, load_images
+from edgesqz.datasets import ImageSet, LabelledFiles, calibration_files, calibration_set, labelled_files, load_images
 from edgesqz.errors import AccuracyGateError, EdgesqzError
 from edgesqz.imaging import Preprocessing, is_video
 from edgesqz.labels import Labels, load_labels
@@ -174,10 +174,10 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         )
     if opts.calib:
         calib = Path(opts.calib)
-        if not calib.exists():
-            raise EdgesqzError(f"calibration source {calib} does not exist")
         if calib.is_file() and not is_video(calib):
             raise EdgesqzError(f"--calib {calib}: give a folder of images or a video file (.mp4, .avi, ...)")
+        if not calib.is_file():
+            calibration_files(calib)  # fails now, not after loading TensorFlow, when there are no images
     if opts.max_drop is not None and not opts.check:
         raise EdgesqzError("--max-drop needs --check DIR (a labelled folder to measure the drop on)")
     if opts.version is not None and opts.version not in ("1_0", "1_1"):
@@ -194,7 +194,6 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     with captured_output(log):  # TensorFlow's import banner (CUDA probing, CPU features)
         import keras  # noqa: F401
     from edgesqz.converters.export import pixel_model, representative_dataset, to_tflite
-
     from edgesqz.modelinfo import graph_summary
     from edgesqz.squeezenet import min_input_size
 
@@ -213,6 +212,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         raise EdgesqzError(f"the labels have {len(labels)} entries but the model has {classes} classes")
     out_path = output_path(opts, version)
     _check_writable(out_path, opts.force)
+    check_files = labelled_files(opts.check, labels) if opts.check else None
 
     pre = Preprocessing(size=opts.input_size)
     float_model = pixel_model(model, size=opts.input_size, normalization=opts.normalization)  # type: ignore[arg-type]
@@ -240,7 +240,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
 
     accuracy_block = None
     if opts.check:
-        accuracy_block = _check(float_model, tflite, opts.check, labels, pre, calibration, progress)
+        assert check_files is not None
+        accuracy_block = _check(float_model, tflite, opts.check, check_files, labels, pre, calibration, progress)
 
     info = _model_info(opts, version, pre, labels, resolved, calibration, accuracy_block, classes)
     from edgesqz.tflite_metadata import embed_metadata
@@ -279,11 +280,10 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     return ConvertResult(out_path, report_path, rep, warnings)
 
 
-def _check(float_model: Any, tflite: bytes, folder: str, labels: Labels, pre: Preprocessing,
+def _check(float_model: Any, tflite: bytes, folder: str, lf: LabelledFiles, labels: Labels, pre: Preprocessing,
            calibration: ImageSet | None, progress: ProgressFactory) -> dict[str, Any]:
     from edgesqz.converters.check import compare, tflite_outputs
 
-    lf = labelled_files(folder, labels)
     used = {str(Path(s).resolve()) for s in calibration.sources} if calibration is not None else set()
     pairs = [(f, t) for f, t in zip(lf.files, lf.targets, strict=True) if str(f.resolve()) not in used]
     excluded = len(lf.files) - len(pairs)

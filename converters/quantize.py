@@ -283,11 +283,33 @@ def _quantized_convs(model_bytes: bytes, interpreter: object) -> list[_QuantConv
     return convs
 
 
-def conv_errors(model: keras.Model, model_bytes: bytes, calib_images: np.ndarray) -> dict[str, np.ndarray]:
-    """Mean pre-activation error (int8 model - float model) per output channel of every convolution.
+def correction_stages(model: keras.Model) -> list[tuple[str, ...]]:
+    """SqueezeNet's convolutions in dependency order, layers that read the same tensor together."""
+    stages: list[tuple[str, ...]] = []
+    for layer in model.layers:
+        name = layer.name
+        if name in ("features.0", "classifier.1") or name.endswith(".squeeze"):
+            stages.append((name,))
+        elif name.endswith(".expand1x1"):
+            stages.append((name, f"{name[: -len('1x1')]}3x3"))
+    return stages
 
-    The int8 side is each convolution's real int8 input (from the TFLite interpreter) times its
-    int8 weights plus its int32 bias, dequantised; the float side is the Keras layer's output.
+
+def conv_errors(
+    model: keras.Model,
+    model_bytes: bytes,
+    calib_images: np.ndarray,
+    layers: Sequence[str] | None = None,
+    *,
+    reference: Literal["float", "weights"] = "float",
+) -> dict[str, np.ndarray]:
+    """Mean pre-activation error (int8 - float) per output channel of convolutions of ``model``.
+
+    The int8 side is each convolution's real int8 input (from the TFLite interpreter of
+    ``model_bytes``) times its int8 weights plus its int32 bias, dequantised. ``reference="float"``
+    compares it with the float model's layer output (the whole error, inherited mean error
+    included); ``"weights"`` with the float weights applied to the same int8 input (only this
+    layer's weight-rounding error). ``layers``: the convolutions to measure (default: all).
     """
     import keras
     import tensorflow as tf
@@ -299,16 +321,18 @@ def conv_errors(model: keras.Model, model_bytes: bytes, calib_images: np.ndarray
         experimental_preserve_all_tensors=True,
     )
     interpreter.allocate_tensors()
-    convs = _quantized_convs(model_bytes, interpreter)
+    convs = [c for c in _quantized_convs(model_bytes, interpreter) if layers is None or c.name in layers]
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
     inp = interpreter.get_input_details()[0]
     probe = keras.Model(model.inputs, [model.get_layer(c.name).output for c in convs])
     sums = {c.name: np.zeros(c.kernel.shape[-1], np.float64) for c in convs}
-    count = {c.name: 0 for c in convs}
+    count = dict.fromkeys(sums, 0)
     batch_size = 8
     for start in range(0, len(calib_images), batch_size):
         batch = calib_images[start : start + batch_size]
-        floats = probe.predict_on_batch(batch.astype(np.float32))
+        floats = probe.predict_on_batch(batch.astype(np.float32)) if reference == "float" else None
+        if floats is not None and len(convs) == 1:
+            floats = [floats]
         quant_inputs: list[list[np.ndarray]] = [[] for _ in convs]
         for image in batch:
             scale, zero = inp["quantization"]
@@ -321,8 +345,14 @@ def conv_errors(model: keras.Model, model_bytes: bytes, calib_images: np.ndarray
         for j, c in enumerate(convs):
             layer = model.get_layer(c.name)
             xq = tf.constant(np.stack(quant_inputs[j]))
-            yq = tf.nn.conv2d(xq, c.kernel, strides=layer.strides, padding=layer.padding.upper()) + c.bias
-            diff = yq.numpy().astype(np.float64) - np.asarray(floats[j], np.float64)
+            strides, padding = layer.strides, layer.padding.upper()
+            yq = tf.nn.conv2d(xq, c.kernel, strides=strides, padding=padding) + c.bias
+            if floats is not None:
+                yf = np.asarray(floats[j], np.float64)
+            else:
+                kernel, bias = layer.get_weights()
+                yf = (tf.nn.conv2d(xq, kernel, strides=strides, padding=padding) + bias).numpy().astype(np.float64)
+            diff = yq.numpy().astype(np.float64) - yf
             sums[c.name] += diff.sum(axis=(0, 1, 2))
             count[c.name] += diff.shape[0] * diff.shape[1] * diff.shape[2]
     return {name: sums[name] / count[name] for name in sums}
@@ -332,22 +362,33 @@ def bias_correct(
     model: keras.Model,
     calib_images: np.ndarray,
     *,
-    passes: int = 1,
+    mode: Literal["sequential", "weights"] = "sequential",
     convert: Converter | None = None,
 ) -> keras.Model:
     """Empirical bias correction; returns a copy whose conv biases cancel the int8 mean error.
 
-    Each pass converts the current model with ``convert`` (default: the standard int8 recipe
-    calibrated on ``calib_images``), measures :func:`conv_errors` on ``calib_images`` and
-    subtracts them from the float biases. All layers are corrected at once per pass; a second
-    pass refines the deeper layers whose inputs the first pass changed.
+    - ``"sequential"``: stage by stage in dependency order (:func:`correction_stages`), convert
+      the current model with ``convert`` (default: the standard int8 recipe calibrated on
+      ``calib_images``), measure the whole mean error of the stage's convolutions against the
+      float model on ``calib_images`` and subtract it from their float biases. Later stages are
+      measured with the earlier ones already corrected, so no error is corrected twice. One
+      conversion per stage (18 for SqueezeNet 1.1).
+    - ``"weights"``: one conversion; remove only each layer's own weight-rounding mean error
+      (float vs int8 weights on the same int8 input), which cannot be counted twice either.
     """
     if len(calib_images) == 0:
         raise EdgesqzError("bias correction needs calibration images")
+    if mode not in ("sequential", "weights"):
+        raise EdgesqzError(f"mode must be 'sequential' or 'weights', not {mode!r}")
     convert = convert or default_converter(calib_images)
     out = _clone(model)
-    for _ in range(passes):
-        errors = conv_errors(out, convert(out), calib_images)
+    if mode == "weights":
+        stages: list[tuple[str, ...] | None] = [None]
+    else:
+        stages = list(correction_stages(out))
+    for stage in stages:
+        reference: Literal["float", "weights"] = "float" if mode == "sequential" else "weights"
+        errors = conv_errors(out, convert(out), calib_images, stage, reference=reference)
         for name, err in errors.items():
             layer = out.get_layer(name)
             kernel, bias = layer.get_weights()

@@ -51,3 +51,48 @@ def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest
     home = tmp_path_factory.getbasetemp() / "edgesqz-home"
     monkeypatch.setenv("EDGESQZ_HOME", str(home))
     monkeypatch.setenv("EDGESQZ_CACHE", str(home / "cache"))
+
+
+# --- real converted models, shared by the convert and device tests -------------------------------
+# Built once per run with the real converter (small calibration set). A venv without TensorFlow
+# (the device-only install) reuses models an earlier run left in EDGESQZ_TEST_MODELS.
+
+CALIB_FOR_TESTS = 48
+
+
+def _test_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    env = os.environ.get("EDGESQZ_TEST_MODELS")
+    path = Path(env) if env else tmp_path_factory.getbasetemp() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build_model(tmp_path_factory: pytest.TempPathFactory, fmt: str) -> Path:
+    target = _test_models_dir(tmp_path_factory) / f"squeezenet1_1-{fmt}.tflite"
+    if target.exists():
+        return target
+    try:
+        import tensorflow  # noqa: F401
+    except ImportError:
+        pytest.skip(f"no prebuilt {target.name} in EDGESQZ_TEST_MODELS and no TensorFlow to build it")
+    weights = _need(SHARED / "weights" / "squeezenet1_1-torchvision-fp16r.pth")
+    from edgesqz.converters.convert import ConvertOptions, convert
+
+    convert(ConvertOptions(
+        weights=str(weights), fmt=fmt, output=str(target),
+        calib=str(_need(SHARED / "data" / "imagenet-sample-1000")) if fmt == "int8" else None,
+        calib_count=CALIB_FOR_TESTS, labels=str(_need(SHARED / "data" / "labels" / "imagenet_class_index.json")),
+    ))
+    return target
+
+
+@pytest.fixture(scope="session")
+def int8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SqueezeNet 1.1, real weights, full int8, calibrated on 48 shared ImageNet photos."""
+    return _build_model(tmp_path_factory, "int8")
+
+
+@pytest.fixture(scope="session")
+def float_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SqueezeNet 1.1, real weights, float32."""
+    return _build_model(tmp_path_factory, "float32")

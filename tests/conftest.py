@@ -96,3 +96,10 @@ def int8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def float_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SqueezeNet 1.1, real weights, float32."""
     return _build_model(tmp_path_factory, "float32")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests in test_device_*.py are device tests: scripts/test.sh runs them again without TF/torch."""
+    for item in items:
+        if item.path.name.startswith("test_device_"):
+            item.add_marker(pytest.mark.device)

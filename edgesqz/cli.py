@@ -161,6 +161,48 @@ def info(
               f"{x['delegated_ops']}/{x['total_ops']} ops")
 
 
+edgetpu_app = typer.Typer(help="Coral Edge TPU: check a model's compatibility, compile it.", no_args_is_help=True)
+app.add_typer(edgetpu_app, name="edgetpu")
+
+
+@edgetpu_app.command("check")
+def edgetpu_check(
+    model: Annotated[str, typer.Argument(help="A .tflite model.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Say whether MODEL maps fully onto the Edge TPU (no compiler needed) and list every reason it cannot."""
+    import json
+
+    from edgesqz.edgetpu import check_model
+
+    result = check_model(model)
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    elif result.compatible:
+        typer.echo(f"{model}: compatible with the Edge TPU ({sum(result.ops.values())} ops, "
+                   f"{result.parameter_bytes / 1e6:.2f} MB of parameters)")
+    else:
+        typer.echo(f"{model}: NOT fully compatible with the Edge TPU:")
+        for reason in result.reasons:
+            typer.echo(f"  - {reason}")
+    if not result.compatible:
+        raise typer.Exit(1)
+
+
+@edgetpu_app.command("compile")
+def edgetpu_compile(
+    model: Annotated[str, typer.Argument(help="A full-integer .tflite model.")],
+    out_dir: Annotated[str | None, typer.Option("--out-dir", help="Where to write MODEL_edgetpu.tflite.")] = None,
+) -> None:
+    """Compile MODEL with edgetpu_compiler (x86_64 Linux) and show which ops mapped."""
+    from edgesqz.edgetpu import compile_model
+
+    compiled = compile_model(model, out_dir)
+    for row in compiled.rows:
+        typer.echo(f"{row['op']:<24} {row['count']:>4}  {row['status']}")
+    typer.echo(f"wrote {compiled.output} ({'fully mapped' if compiled.fully_mapped else 'partly on the CPU'})")
+
+
 def main() -> None:
     try:
         app()

@@ -1,0 +1,206 @@
+"""Will a .tflite map fully onto a Coral Edge TPU? Checked without the compiler, and compiled with it.
+
+The rules are Coral's published requirements for the Edge TPU compiler:
+
+- every tensor is 8-bit quantised (int8/uint8; int32 only for biases and shape operands);
+- tensor sizes are constant (no dynamic dimension) and at most 3 dimensions exceed 1
+  (so batch must be 1);
+- one subgraph only;
+- only supported operators, each within its limits;
+- parameters should fit the ~8 MB on-chip memory (larger models still run, with parameters
+  streamed from the host, which is slow).
+
+``edgetpu_compiler`` exists for x86_64 Linux only; :func:`compile_model` runs it and turns its
+log into rows of (op, count, status).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgesqz.errors import EdgesqzError
+
+ON_CHIP_BYTES = 8 * 1024 * 1024
+
+# Coral's "supported operations" table; value: the limitation we can check from the flatbuffer.
+SUPPORTED_OPS = frozenset({
+    "ADD", "AVERAGE_POOL_2D", "CONCATENATION", "CONV_2D", "DEPTHWISE_CONV_2D", "EXPAND_DIMS", "FULLY_CONNECTED",
+    "L2_NORMALIZATION", "LOGISTIC", "LSTM", "MAXIMUM", "MAX_POOL_2D", "MEAN", "MINIMUM", "MUL", "PACK", "PAD",
+    "PRELU", "QUANTIZE", "REDUCE_MAX", "REDUCE_MIN", "RELU", "RELU6", "RELU_N1_TO_1", "RESHAPE", "RESIZE_BILINEAR",
+    "RESIZE_NEAREST_NEIGHBOR", "RSQRT", "SLICE", "SOFTMAX", "SPACE_TO_DEPTH", "SPLIT", "SQUARED_DIFFERENCE",
+    "SQUEEZE", "STRIDED_SLICE", "SUB", "SUM", "TANH", "TRANSPOSE", "TRANSPOSE_CONV",
+})
+SOFTMAX_MAX_ELEMENTS = 16000
+
+INSTALL_COMPILER = (
+    "edgetpu_compiler is not installed: install Coral's edgetpu-compiler package from Coral's apt repository on an "
+    "x86_64 Linux host (it does not exist for ARM), compile there, and copy the *_edgetpu.tflite to the Pi"
+)
+
+
+@dataclass
+class Check:
+    model: str
+    reasons: list[str] = field(default_factory=list)
+    ops: dict[str, int] = field(default_factory=dict)
+    parameter_bytes: int = 0
+
+    @property
+    def compatible(self) -> bool:
+        return not self.reasons
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"model": self.model, "compatible": self.compatible, "reasons": self.reasons, "ops": self.ops,
+                "parameter_bytes": self.parameter_bytes, "on_chip_bytes": ON_CHIP_BYTES}
+
+
+def check_model(path: str | os.PathLike[str]) -> Check:
+    """Every reason the model cannot map fully onto the Edge TPU (none: it can)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    from edgesqz.device.runtime import check_model_file
+
+    data = check_model_file(path)
+    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    result = Check(str(path))
+    reasons = result.reasons
+    op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    type_names = {v: k for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
+    if len(model.subgraphs) != 1:
+        reasons.append(f"{len(model.subgraphs)} subgraphs: the Edge TPU compiler supports exactly one "
+                       "(remove control flow such as tf.cond / while loops)")
+    sub = model.subgraphs[0]
+    codes = [op_names.get(max(c.builtinCode, c.deprecatedBuiltinCode), f"CUSTOM:{c.customCode!r}")
+             for c in model.operatorCodes]
+    param_tensors = set()
+    for op in sub.operators:
+        name = codes[op.opcodeIndex]
+        result.ops[name] = result.ops.get(name, 0) + 1
+        for i in op.inputs if op.inputs is not None else []:
+            if i >= 0 and model.buffers[sub.tensors[i].buffer].data is not None:
+                param_tensors.add(i)
+    result.parameter_bytes = sum(len(model.buffers[sub.tensors[i].buffer].data) for i in param_tensors)
+
+    for name, count in sorted(result.ops.items()):
+        if name not in SUPPORTED_OPS:
+            reasons.append(f"op {name} (x{count}) is not supported by the Edge TPU; it and everything after it "
+                           "would run on the CPU")
+    for op in sub.operators:
+        _check_op_limits(codes[op.opcodeIndex], op, sub, model.buffers, reasons)
+
+    float_tensors, dynamic, too_many_dims = [], [], []
+    for t in sub.tensors:
+        tname = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+        ttype = type_names.get(t.type, "?")
+        if ttype not in ("INT8", "UINT8", "INT32"):
+            float_tensors.append(f"{tname} ({ttype})")
+        signature = list(t.shapeSignature) if t.shapeSignature is not None else []
+        if any(d < 0 for d in signature):
+            dynamic.append(tname)
+        shape = [int(d) for d in t.shape] if t.shape is not None else []
+        is_constant = model.buffers[t.buffer].data is not None
+        if not is_constant and sum(1 for d in shape if d > 1) > 3:
+            too_many_dims.append(f"{tname} {shape}")
+    if float_tensors:
+        reasons.append(f"{len(float_tensors)} tensors are not 8-bit quantised (e.g. {float_tensors[0]}): convert "
+                       "with --int8 (full integer), not --dynamic/--float16/--float32")
+    io_types = {type_names.get(sub.tensors[i].type, "?") for i in [*sub.inputs, *sub.outputs]}
+    if io_types - {"INT8", "UINT8"}:
+        reasons.append(f"model inputs/outputs are {', '.join(sorted(io_types))}; the Edge TPU needs int8 or uint8")
+    if dynamic:
+        reasons.append(f"{len(dynamic)} tensors have a dynamic dimension (e.g. {dynamic[0]}); export with a static "
+                       "batch of 1")
+    if too_many_dims:
+        reasons.append(f"{len(too_many_dims)} tensors have more than 3 dimensions larger than 1 (e.g. "
+                       f"{too_many_dims[0]}); use batch 1")
+    if result.parameter_bytes > ON_CHIP_BYTES:
+        reasons.append(f"parameters take {result.parameter_bytes / 1e6:.1f} MB, more than the ~8 MB on-chip memory: "
+                       "they would stream from the host on every inference")
+    return result
+
+
+def _check_op_limits(name: str, op: Any, sub: Any, model_buffers: Any, reasons: list[str]) -> None:
+    opts = op.builtinOptions
+    if (name in ("CONV_2D", "DEPTHWISE_CONV_2D") and opts is not None
+            and getattr(opts, "dilationHFactor", 1) != getattr(opts, "dilationWFactor", 1)):
+        reasons.append(f"{name} with different x/y dilation is not supported")
+    if (name in ("MAX_POOL_2D", "AVERAGE_POOL_2D", "CONCATENATION") and opts is not None
+            and getattr(opts, "fusedActivationFunction", 0) != 0):
+        reasons.append(f"{name} with a fused activation is not supported")
+    if name == "SOFTMAX":
+        shape = list(sub.tensors[op.inputs[0]].shape)
+        elements = 1
+        for d in shape:
+            elements *= d
+        if sum(1 for d in shape if d > 1) > 1 or elements > SOFTMAX_MAX_ELEMENTS:
+            reasons.append(f"SOFTMAX on {shape}: only 1-D inputs of at most {SOFTMAX_MAX_ELEMENTS} elements")
+    if name == "MEAN":
+        shape = [int(d) for d in sub.tensors[op.inputs[0]].shape]
+        axes_data = model_buffers[sub.tensors[op.inputs[1]].buffer].data
+        axes = [int(a) % max(len(shape), 1) for a in np.frombuffer(bytes(axes_data), np.int32)] \
+            if axes_data is not None else []
+        if 0 in axes and shape and shape[0] > 1:
+            reasons.append("MEAN over the batch dimension is not supported")
+        if shape and len(shape) - 1 in axes and shape[-1] % 4:
+            reasons.append(f"MEAN over channels needs a multiple of 4 channels, not {shape[-1]}")
+
+
+_COMPILER_ROW = re.compile(r"^(?P<op>[A-Z][A-Z0-9_]+)\s+(?P<count>\d+)\s+(?P<status>.+?)\s*$")
+
+
+@dataclass
+class Compiled:
+    output: Path
+    log: str
+    rows: list[dict[str, Any]]
+
+    @property
+    def fully_mapped(self) -> bool:
+        return bool(self.rows) and all(r["status"] == "Mapped to Edge TPU" for r in self.rows)
+
+
+def parse_compiler_log(log: str) -> list[dict[str, Any]]:
+    """The compiler's op table: ``[{"op", "count", "status"}]``."""
+    rows = []
+    in_table = False
+    for line in log.splitlines():
+        if line.strip().startswith("Operator") and "Status" in line:
+            in_table = True
+            continue
+        if in_table:
+            m = _COMPILER_ROW.match(line.strip())
+            if m:
+                rows.append({"op": m["op"], "count": int(m["count"]), "status": m["status"]})
+            elif line.strip() and not line.startswith("-"):
+                in_table = False
+    return rows
+
+
+def compile_model(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None,
+                  compiler: str = "edgetpu_compiler") -> Compiled:
+    """Run ``edgetpu_compiler`` on the model; a clear error when it is missing or fails."""
+    exe = shutil.which(compiler)
+    if exe is None:
+        where = "" if platform.machine() in ("x86_64", "AMD64") else f" (this is {platform.machine()})"
+        raise EdgesqzError(INSTALL_COMPILER + where)
+    path = Path(path)
+    out = Path(out_dir) if out_dir else path.parent
+    out.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([exe, "--show_operations", "--out_dir", str(out), str(path)], capture_output=True,
+                          text=True, timeout=600)
+    log = proc.stdout + proc.stderr
+    log_path = out / f"{path.stem}_edgetpu.log"
+    if proc.returncode != 0:
+        log_path.write_text(log)
+        first = next((line for line in log.splitlines() if line.strip()), "no output")
+        raise EdgesqzError(f"edgetpu_compiler failed: {first} (log: {log_path})")
+    return Compiled(out / f"{path.stem}_edgetpu.tflite", log, parse_compiler_log(log))

@@ -152,8 +152,13 @@ def _load_keras_model(resolved: ResolvedWeights, version: str | None, classes: i
     return model, found
 
 
-def _keras_labels(model: Any) -> Labels | None:
-    names = getattr(model, "edgesqz_labels", None)
+def _keras_labels(resolved: ResolvedWeights) -> Labels | None:
+    """Class names that ``edgesqz train`` stored inside a .keras model."""
+    if resolved.kind != "keras_model":
+        return None
+    from edgesqz.train import read_labels
+
+    names = read_labels(resolved.path)
     return Labels(tuple(names)) if names else None
 
 
@@ -204,7 +209,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     classes = model.get_layer("classifier.1").filters
     warnings: list[str] = []
     if labels is None:
-        labels = _keras_labels(model)
+        labels = _keras_labels(resolved)
     if labels is None:
         labels = Labels.numbered(classes)
         warnings.append(f"no --labels given: the model's {classes} classes are named class_0.. ; pass --labels FILE")

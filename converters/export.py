@@ -43,7 +43,8 @@ def pixel_model(
 ) -> keras.Model:
     """Rebuild ``model`` (a SqueezeNet with a top) for batch-1 ``size`` x ``size`` RGB pixel input.
 
-    The result is inference-only (dropout removed) and shares no variables with ``model``.
+    The result is inference-only (dropout removed, batch norms folded into their convolutions)
+    and shares no variables with ``model``. Bypass variants keep their shortcuts.
     """
     from edgesqz.squeezenet import SqueezeNet
 
@@ -57,10 +58,14 @@ def pixel_model(
         x = keras.layers.Rescaling(1.0 / (255.0 * std_a), offset=-mean_a / std_a, name="normalize")(x)
     elif normalization != "fold":
         raise EdgesqzError(f"normalization must be 'fold' or 'layer', not {normalization!r}")
-    body = SqueezeNet(version, input_tensor=x, classes=classes, classifier_activation=None, dropout=0.0)
+    names = {layer.name for layer in model.layers}
+    bypass = ("complex" if any(n.endswith(".bypass") for n in names)
+              else "simple" if any(n.endswith(".bypass_add") for n in names) else None)
+    body = SqueezeNet(version, input_tensor=x, classes=classes, classifier_activation=None, dropout=0.0,
+                      bypass=bypass)
     for layer in body.layers:
         if layer.weights:
-            layer.set_weights(model.get_layer(layer.name).get_weights())
+            layer.set_weights(_folded_weights(model, layer.name, names))
     if normalization == "fold":
         first = body.get_layer("features.0")
         kernel, bias = first.get_weights()  # HWIO
@@ -74,6 +79,19 @@ def pixel_model(
     if head == "softmax":
         y = keras.layers.Softmax(name="probabilities")(y)
     return keras.Model(inputs, y, name=f"{model.name}_pixels")
+
+
+def _folded_weights(model: keras.Model, name: str, names: set[str]) -> list[np.ndarray]:
+    """Weights of layer ``name``; a conv followed by BatchNormalization (``name_bn``) gets the BN folded in."""
+    layer = model.get_layer(name)
+    if f"{name}_bn" not in names:
+        return layer.get_weights()
+    kernel = layer.get_weights()[0].astype(np.float64)
+    bn = model.get_layer(f"{name}_bn")
+    gamma, beta, mean, var = (w.astype(np.float64) for w in bn.get_weights())
+    scale = gamma / np.sqrt(var + bn.epsilon)
+    bias = layer.get_weights()[1].astype(np.float64) if layer.use_bias else np.zeros_like(beta)
+    return [(kernel * scale).astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)]
 
 
 def _version_of(model: keras.Model) -> str:

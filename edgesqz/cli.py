@@ -161,6 +161,48 @@ def info(
               f"{x['delegated_ops']}/{x['total_ops']} ops")
 
 
+@app.command()
+def train(
+    data: Annotated[str, typer.Option("--data", help="Image folder with one sub-folder per class.")],
+    output: Annotated[str, typer.Option("--output", "-o", help="Best model (.keras).")] = "model.keras",
+    val: Annotated[str | None, typer.Option("--val", help="Validation folder (default: split --data).")] = None,
+    val_split: Annotated[float, typer.Option("--val-split", help="Share of each class held out.")] = 0.2,
+    version: Annotated[str, typer.Option("--version", help="SqueezeNet 1_0 or 1_1.")] = "1_1",
+    init: Annotated[str, typer.Option("--from", help="'imagenet' (fine-tune torchvision's weights) or 'none' "
+                                      "(from scratch, batch-norm Fire modules).")] = "imagenet",
+    weights: Annotated[str, typer.Option("--weights", help="The ImageNet weights for --from imagenet: "
+                                         "'torchvision' or a .pth file.")] = "torchvision",
+    epochs: Annotated[int, typer.Option("--epochs", help="At most this many epochs (early stopping).")] = 10,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
+    input_size: Annotated[int, typer.Option("--input-size", help="Square training size in pixels.")] = 224,
+    learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (cosine decay).")] = None,
+    patience: Annotated[int, typer.Option("--patience", help="Stop after this many epochs without a better "
+                                          "validation accuracy.")] = 3,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote OUTPUT.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON at the end.")] = False,
+) -> None:
+    """Fine-tune SqueezeNet on your own images; then convert it with --weights OUTPUT.keras."""
+    import json
+
+    from edgesqz.console import err
+    from edgesqz.train import TrainOptions
+    from edgesqz.train import train as run_train
+
+    opts = TrainOptions(data=data, output=output, val=val, val_split=val_split, version=version, init=init,
+                        weights=weights, epochs=epochs, batch_size=batch_size, input_size=input_size,
+                        learning_rate=learning_rate, patience=patience, force=force, resume=resume)
+    result = run_train(opts, verbose=0 if json_out else 1)
+    if result.skipped:
+        err.print(f"[yellow]warning:[/] skipped {result.skipped} unreadable images")
+    if json_out:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+        return
+    err.print(f"best validation accuracy {100 * result.best_val_accuracy:.2f} % after {result.epochs_run} epochs; "
+              f"{result.images_per_second:.1f} training images/s; classes: {', '.join(result.classes)}")
+    err.print(f"wrote {result.output}; next: edgesqz convert --weights {result.output} --int8 --calib {data}")
+
+
 edgetpu_app = typer.Typer(help="Coral Edge TPU: check a model's compatibility, compile it.", no_args_is_help=True)
 app.add_typer(edgetpu_app, name="edgetpu")
 

@@ -15,9 +15,9 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("keras")
 
-from edgesqz.converters.torch_import import load_state_dict, state_dict_to_keras  # noqa: E402
 from torch_squeezenet import SqueezeNet as TorchSqueezeNet  # noqa: E402
 
+from edgesqz.converters.torch_import import load_state_dict, state_dict_to_keras  # noqa: E402
 from edgesqz.errors import EdgesqzError  # noqa: E402
 from edgesqz.squeezenet import SqueezeNet  # noqa: E402
 from edgesqz.weights import Weights, download, resolve  # noqa: E402

@@ -203,6 +203,32 @@ def train(
     err.print(f"wrote {result.output}; next: edgesqz convert --weights {result.output} --int8 --calib {data}")
 
 
+@app.command()
+def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """Check this device: runtime and XNNPACK, numpy, Coral, cameras, display, governor, temperature."""
+    import json
+
+    from edgesqz.doctor import as_dicts, run_checks
+    from edgesqz.quiet import captured_output
+    from edgesqz.schema import report
+
+    with captured_output([]):  # the runtime's XNNPACK banner
+        findings, can_run = run_checks()
+    if json_out:
+        typer.echo(json.dumps(report("doctor_report", can_run_models=can_run, checks=as_dicts(findings)), indent=2))
+    else:
+        marks = {"ok": "[green]ok  [/]", "warn": "[yellow]warn[/]", "fail": "[red]FAIL[/]", "info": "[dim]info[/]"}
+        from edgesqz.console import out
+
+        for f in findings:
+            out.print(f"{marks[f.status]} {f.check:<12} {f.detail}")
+            if f.fix:
+                out.print(f"     {'':<12} [dim]fix:[/] {f.fix}")
+        out.print("this device can run edgesqz models" if can_run else "[red]this device cannot run models yet[/]")
+    if not can_run:
+        raise typer.Exit(1)
+
+
 edgetpu_app = typer.Typer(help="Coral Edge TPU: check a model's compatibility, compile it.", no_args_is_help=True)
 app.add_typer(edgetpu_app, name="edgetpu")
 

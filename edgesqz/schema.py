@@ -14,7 +14,8 @@ from typing import Any
 from edgesqz._version import __version__
 
 SCHEMA = "edgesqz/1"
-KINDS = ("classification", "run_summary", "convert_report", "compare_report", "bench_report", "model_info")
+KINDS = ("classification", "run_summary", "convert_report", "compare_report", "bench_report", "model_info",
+         "doctor_report")
 
 
 def record(kind: str, **fields: Any) -> dict[str, Any]:

@@ -287,7 +287,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
 
 def _check(float_model: Any, tflite: bytes, folder: str, lf: LabelledFiles, labels: Labels, pre: Preprocessing,
            calibration: ImageSet | None, progress: ProgressFactory) -> dict[str, Any]:
-    from edgesqz.converters.check import compare, tflite_outputs
+    from edgesqz.evaluate import compare, tflite_outputs
 
     used = {str(Path(s).resolve()) for s in calibration.sources} if calibration is not None else set()
     pairs = [(f, t) for f, t in zip(lf.files, lf.targets, strict=True) if str(f.resolve()) not in used]

@@ -229,6 +229,42 @@ def doctor(json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")]
         raise typer.Exit(1)
 
 
+@app.command()
+def compare(
+    model_a: Annotated[str, typer.Argument(help="Reference .tflite model.")],
+    model_b: Annotated[str, typer.Argument(help="Model to compare with it.")],
+    data: Annotated[str, typer.Option("--data", help="Labelled folder (<wnid>_*.JPEG or sub-folder per class).")],
+    labels: Annotated[str | None, typer.Option("--labels", help="Labels file (default: model A's).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", help="Interpreter threads.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Compare two models on a labelled folder: accuracy, agreement, output difference, size, latency."""
+    import json
+
+    from edgesqz.console import human_size, out, progress_bars
+    from edgesqz.evaluate import compare_models
+    from edgesqz.quiet import captured_output
+
+    with progress_bars(enabled=not json_out) as bars, captured_output([]):
+        rep = compare_models(model_a, model_b, data, threads=threads, labels_path=labels, progress=bars)
+    if json_out:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"compare on {rep['images']} images of {rep['folder']}", title_justify="left")
+    for col in ("", "model", "format", "size", "top-1", "top-5", "p50 ms", "p90 ms"):
+        table.add_column(col)
+    for key in ("a", "b"):
+        m = rep[key]
+        table.add_row(key.upper(), m["model"], str(m["format"]), human_size(m["size_bytes"]), f"{m['top1']:.2f}",
+                      f"{m['top5']:.2f}", f"{m['latency']['p50_ms']:.2f}", f"{m['latency']['p90_ms']:.2f}")
+    out.print(table)
+    d = rep["output_difference"]
+    out.print(f"top-1 agreement {rep['top1_agreement']:.2f} %; output difference max {d['max_abs']:.4g} "
+              f"(mean {d['mean_abs']:.4g}); {len(rep['classes_changed'])} classes changed")
+
+
 edgetpu_app = typer.Typer(help="Coral Edge TPU: check a model's compatibility, compile it.", no_args_is_help=True)
 app.add_typer(edgetpu_app, name="edgetpu")
 

@@ -14,17 +14,27 @@ out = Console(soft_wrap=True)
 
 @contextmanager
 def progress_bars(enabled: bool = True) -> Iterator[Callable[[str, int], Callable[[int], None]]]:
-    """Yield a factory ``(description, total) -> advance(n)``; bars go to stderr and vanish when done."""
+    """Yield a factory ``(description, total) -> advance(n)``; bars go to stderr and vanish when done.
+
+    The display starts with the first bar, so a command that fails before any work prints nothing else.
+    """
     if not enabled:
         yield lambda _d, _t: (lambda _n: None)
         return
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=True) as bars:
-        def factory(description: str, total: int) -> Callable[[int], None]:
-            task = bars.add_task(description, total=total)
-            return lambda n: bars.advance(task, n)
+    bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=err, transient=True)
 
+    def factory(description: str, total: int) -> Callable[[int], None]:
+        if not bars.live.is_started:
+            bars.start()
+        task = bars.add_task(description, total=total)
+        return lambda n: bars.advance(task, n)
+
+    try:
         yield factory
+    finally:
+        if bars.live.is_started:
+            bars.stop()
 
 
 def human_size(n: int) -> str:

@@ -1,0 +1,168 @@
+"""Accuracy of a float reference and an exported model on a labelled folder.
+
+Reports top-1/top-5 of both, their top-1 agreement, the top-1 drop in points, and the classes
+whose number of correct images changed. Ties in an output (several classes with the same
+quantised score) are broken towards the lower class index, as ``numpy.argmax`` does, and the
+number of tied outputs is reported so the effect is visible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgesqz.device.runtime import make_interpreter
+
+Progress = Callable[[int], None]
+
+
+def tflite_outputs(model: bytes, images: np.ndarray, *, threads: int | None = None,
+                   progress: Progress | None = None) -> np.ndarray:
+    """Float outputs (logits, or class maps averaged to logits) of a TFLite model on uint8 RGB images."""
+    interpreter, _ = make_interpreter(model, threads=threads)
+    inp = interpreter.get_input_details()[0]
+    out = interpreter.get_output_details()[0]
+    in_scale, in_zero = inp["quantization"]
+    out_scale, out_zero = out["quantization"]
+    results = []
+    for image in images:
+        x = image[None]
+        if inp["dtype"] == np.float32:
+            x = x.astype(np.float32)
+        elif in_scale:
+            x = np.clip(np.round(x / in_scale + in_zero), *_limits(inp["dtype"])).astype(inp["dtype"])
+        interpreter.set_tensor(inp["index"], x)
+        interpreter.invoke()
+        y = interpreter.get_tensor(out["index"])[0]
+        y = (y.astype(np.float32) - out_zero) * out_scale if out_scale else y.astype(np.float32)
+        if y.ndim == 3:  # class map H x W x C
+            y = y.mean(axis=(0, 1))
+        results.append(y)
+        if progress:
+            progress(1)
+    return np.stack(results)
+
+
+def _limits(dtype: Any) -> tuple[int, int]:
+    info = np.iinfo(dtype)
+    return int(info.min), int(info.max)
+
+
+@dataclass
+class Accuracy:
+    top1: float
+    top5: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"top1": round(self.top1, 3), "top5": round(self.top5, 3)}
+
+
+def accuracy(outputs: np.ndarray, targets: np.ndarray) -> Accuracy:
+    top1 = outputs.argmax(1) == targets
+    top5_idx = np.argsort(-outputs, axis=1, kind="stable")[:, :5]
+    top5 = (top5_idx == targets[:, None]).any(1)
+    return Accuracy(100.0 * top1.mean(), 100.0 * top5.mean())
+
+
+def tied_top(outputs: np.ndarray) -> float:
+    """Percent of outputs whose highest value is shared by more than one class."""
+    top = outputs.max(1, keepdims=True)
+    return 100.0 * float(((outputs == top).sum(1) > 1).mean())
+
+
+def compare(reference: np.ndarray, model: np.ndarray, targets: np.ndarray,
+            label_names: Sequence[str]) -> dict[str, Any]:
+    """The accuracy block of a report: both models, agreement, drop and per-class changes."""
+    ref_acc = accuracy(reference, targets)
+    mod_acc = accuracy(model, targets)
+    ref_ok = reference.argmax(1) == targets
+    mod_ok = model.argmax(1) == targets
+    changes = []
+    for cls in np.unique(targets):
+        sel = targets == cls
+        a, b = int(ref_ok[sel].sum()), int(mod_ok[sel].sum())
+        if a != b:
+            changes.append({"index": int(cls), "label": label_names[int(cls)], "images": int(sel.sum()),
+                            "reference_correct": a, "model_correct": b})
+    return {
+        "images": len(targets),
+        "reference": ref_acc.to_dict(),
+        "model": mod_acc.to_dict(),
+        "top1_drop": round(ref_acc.top1 - mod_acc.top1, 3),
+        "top1_agreement": round(100.0 * float((reference.argmax(1) == model.argmax(1)).mean()), 3),
+        "tied_top_outputs": round(tied_top(model), 3),
+        "classes_changed": changes,
+    }
+
+
+def latency_ms(model: bytes, *, threads: int | None = None, runs: int = 50, warmup: int = 5) -> dict[str, float]:
+    """Steady-state invoke latency (p50/p90, ms) on a zero input."""
+    import time
+
+    interpreter, _ = make_interpreter(model, threads=threads)
+    inp = interpreter.get_input_details()[0]
+    interpreter.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
+    for _ in range(warmup):
+        interpreter.invoke()
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        interpreter.invoke()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return {"p50_ms": round(float(np.percentile(times, 50)), 3), "p90_ms": round(float(np.percentile(times, 90)), 3)}
+
+
+def compare_models(model_a: str, model_b: str, folder: str, *, threads: int | None = None,
+                   labels_path: str | None = None, progress: Callable[[str, int], Progress] | None = None
+                   ) -> dict[str, Any]:
+    """The ``compare_report`` of two TFLite models on a labelled folder (model A is the reference)."""
+    from pathlib import Path
+
+    from edgesqz.datasets import labelled_files, load_images
+    from edgesqz.device.runtime import check_model_file
+    from edgesqz.errors import EdgesqzError
+    from edgesqz.imaging import Preprocessing
+    from edgesqz.labels import Labels, load_labels
+    from edgesqz.schema import report
+    from edgesqz.tflite_metadata import read_metadata
+
+    data = {name: check_model_file(path) for name, path in (("a", model_a), ("b", model_b))}
+    metas = {name: read_metadata(blob) for name, blob in data.items()}
+    if labels_path:
+        labels = load_labels(labels_path)
+    else:
+        meta = metas["a"]
+        if not meta.labels:
+            raise EdgesqzError(f"{model_a} has no embedded labels; pass --labels FILE")
+        ids = (meta.info.get("labels") or {}).get("ids")
+        labels = Labels(tuple(meta.labels), tuple(ids) if ids else None)
+    sizes = {name: int((m.info.get("input") or {}).get("size") or 224) for name, m in metas.items()}
+    if sizes["a"] != sizes["b"]:
+        raise EdgesqzError(f"the models take different input sizes ({sizes['a']} and {sizes['b']})")
+    pre = Preprocessing(size=sizes["a"])
+    lf = labelled_files(folder, labels)
+    make = progress or (lambda _d, _t: (lambda _n: None))
+    images = load_images(lf.files, pre, make("decode", len(lf.files)))
+    ok = set(images.sources)
+    targets = np.array([t for f, t in zip(lf.files, lf.targets, strict=True) if str(f) in ok])
+    outs = {name: tflite_outputs(blob, images.images, threads=threads, progress=make(f"model {name.upper()}",
+                                                                                      len(targets)))
+            for name, blob in data.items()}
+    if outs["a"].shape != outs["b"].shape:
+        raise EdgesqzError(f"the models' outputs differ in shape: {outs['a'].shape[1:]} vs {outs['b'].shape[1:]}")
+    block = compare(outs["a"], outs["b"], targets, labels.names)
+    diff = np.abs(outs["a"] - outs["b"])
+    models = {}
+    for name, path in (("a", model_a), ("b", model_b)):
+        models[name] = {"model": str(Path(path)), "size_bytes": len(data[name]),
+                        "format": metas[name].info.get("format"), **accuracy(outs[name], targets).to_dict(),
+                        "latency": latency_ms(data[name], threads=threads)}
+    return report("compare_report", folder=str(folder), images=len(targets), a=models["a"], b=models["b"],
+                  top1_agreement=block["top1_agreement"], top1_difference=round(
+                      models["a"]["top1"] - models["b"]["top1"], 3),
+                  output_difference={"max_abs": round(float(diff.max()), 6), "mean_abs": round(float(diff.mean()), 6),
+                                     "relative_to_range": round(float(diff.max() / max(np.ptp(outs["a"]), 1e-9)), 6)},
+                  classes_changed=block["classes_changed"], skipped_unreadable=len(images.skipped))

@@ -53,6 +53,7 @@ class ConvertOptions:
     force: bool = False
     normalization: str = "fold"
     seed: int = 0
+    via: str = "keras"  # or "onnx2tf": PyTorch -> ONNX -> onnx2tf, the independent second route
 
 
 @dataclass
@@ -183,6 +184,10 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
             raise EdgesqzError(f"--calib {calib}: give a folder of images or a video file (.mp4, .avi, ...)")
         if not calib.is_file():
             calibration_files(calib)  # fails now, not after loading TensorFlow, when there are no images
+    if opts.via not in ("keras", "onnx2tf"):
+        raise EdgesqzError(f"--via must be keras or onnx2tf, not {opts.via!r}")
+    if opts.via == "onnx2tf" and opts.normalization != "fold":
+        raise EdgesqzError("--via onnx2tf always folds the normalisation into the first convolution")
     if opts.max_drop is not None and not opts.check:
         raise EdgesqzError("--max-drop needs --check DIR (a labelled folder to measure the drop on)")
     if opts.version is not None and opts.version not in ("1_0", "1_1"):
@@ -233,8 +238,12 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
                             f"(e.g. {calibration.skipped[0]})")
     representative = representative_dataset(calibration.images) if calibration is not None else None
     try:
-        with captured_output(log):
-            tflite = to_tflite(float_model, opts.fmt, representative=representative, io=opts.io)  # type: ignore[arg-type]
+        if opts.via == "onnx2tf":
+            tflite = _via_onnx2tf(model, version, opts, calibration, out_path)
+        else:
+            with captured_output(log):
+                tflite = to_tflite(float_model, opts.fmt, representative=representative,  # type: ignore[arg-type]
+                                   io=opts.io)  # type: ignore[arg-type]
     except EdgesqzError:
         raise
     except Exception as exc:  # the converter raises many types; keep its log for the user
@@ -260,7 +269,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     graph = graph_summary(tflite)
     rep = report(
         "convert_report",
-        model=str(out_path), format=opts.fmt, io=opts.io if opts.fmt == "int8" else "float32",
+        model=str(out_path), route=opts.via, format=opts.fmt, io=opts.io if opts.fmt == "int8" else "float32",
         architecture=f"squeezenet{version}", input_size=opts.input_size,
         size_bytes=len(final), size_bytes_without_metadata=len(tflite), graph=graph,
         source_weights=resolved.meta(), calibration=info.get("calibration"), accuracy=accuracy_block,
@@ -283,6 +292,19 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     if not opts.output:
         _point_latest(out_path)
     return ConvertResult(out_path, report_path, rep, warnings)
+
+
+def _via_onnx2tf(model: Any, version: str, opts: ConvertOptions, calibration: ImageSet | None,
+                 out_path: Path) -> bytes:
+    """The second route: the same weights through PyTorch -> ONNX -> onnx2tf; its log stays beside the model."""
+    from edgesqz.converters.onnx_route import convert_via_onnx2tf
+    from edgesqz.converters.torch_import import keras_to_state_dict
+
+    log_path = out_path.with_suffix(".onnx2tf.log")
+    with tempfile.TemporaryDirectory(prefix="edgesqz-onnx2tf-") as workdir:
+        return convert_via_onnx2tf(keras_to_state_dict(model), version=version, size=opts.input_size, fmt=opts.fmt,
+                                   calib_images=calibration.images if calibration is not None else None,
+                                   io=opts.io, workdir=Path(workdir), log_path=log_path)
 
 
 def _check(float_model: Any, tflite: bytes, folder: str, lf: LabelledFiles, labels: Labels, pre: Preprocessing,
@@ -323,7 +345,7 @@ def _model_info(opts: ConvertOptions, version: str, pre: Preprocessing, labels: 
         "output": {"kind": "logits", "classes": classes},
         "labels": {"count": len(labels), "ids": list(labels.ids) if labels.ids else None},
         "source_weights": resolved.meta(),
-        "quantization": {"normalization": opts.normalization},
+        "quantization": {"normalization": opts.normalization, "route": opts.via},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "edgesqz_version": __version__,
     }

@@ -108,3 +108,16 @@ def state_dict_to_keras(state: Mapping[str, np.ndarray], model: keras.Model, *, 
     for name, layer in convs.items():
         kernel = state[f"{name}.weight"].transpose(2, 3, 1, 0)  # OIHW -> HWIO
         layer.set_weights([kernel, state[f"{name}.bias"]])
+
+
+def keras_to_state_dict(model: keras.Model) -> dict[str, np.ndarray]:
+    """The inverse mapping: a plain Keras SqueezeNet's weights as a torchvision-style state_dict."""
+    state: dict[str, np.ndarray] = {}
+    for layer in model.layers:
+        if layer.__class__.__name__ == "BatchNormalization" or layer.name.endswith(".bypass"):
+            raise EdgesqzError("only the plain SqueezeNet (no batch norm, no bypass) maps to torchvision's layout")
+        if layer.__class__.__name__ == "Conv2D":
+            kernel, bias = layer.get_weights()
+            state[f"{layer.name}.weight"] = np.ascontiguousarray(kernel.transpose(3, 2, 0, 1))  # HWIO -> OIHW
+            state[f"{layer.name}.bias"] = bias
+    return state

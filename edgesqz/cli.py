@@ -64,6 +64,8 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     normalization: Annotated[str, typer.Option("--normalization", help="Where the ImageNet mean/std go: 'fold' "
                                                "(into conv 1, exact) or 'layer'.")] = "fold",
+    via: Annotated[str, typer.Option("--via", help="Conversion route: 'keras' (Keras -> TFLiteConverter) or "
+                                     "'onnx2tf' (PyTorch -> ONNX -> onnx2tf).")] = "keras",
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Convert SqueezeNet weights to a self-describing TFLite model (full int8 by default)."""
@@ -79,7 +81,7 @@ def convert(
         raise EdgesqzError(f"choose one format, not {' and '.join('--' + c for c in chosen)}")
     opts = ConvertOptions(version=version, weights=weights, fmt=chosen[0] if chosen else "int8", calib=calib,
                           calib_count=calib_count, io=io, input_size=input_size, labels=labels, check=check,
-                          max_drop=max_drop, output=output, force=force, normalization=normalization)
+                          max_drop=max_drop, output=output, force=force, normalization=normalization, via=via)
     with progress_bars(enabled=not json_out) as bars:
         result = run_convert(opts, bars)
     for warning in result.warnings:

@@ -54,6 +54,7 @@ class ConvertOptions:
     normalization: str = "fold"
     seed: int = 0
     via: str = "keras"  # or "onnx2tf": PyTorch -> ONNX -> onnx2tf, the independent second route
+    ptq: str = "best"  # int8 via keras: "best" (equalise + GPTQ rounding + class-map head) or "plain" (min/max)
 
 
 @dataclass
@@ -184,6 +185,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
             raise EdgesqzError(f"--calib {calib}: give a folder of images or a video file (.mp4, .avi, ...)")
         if not calib.is_file():
             calibration_files(calib)  # fails now, not after loading TensorFlow, when there are no images
+    if opts.ptq not in ("best", "plain"):
+        raise EdgesqzError(f"--ptq must be best or plain, not {opts.ptq!r}")
     if opts.via not in ("keras", "onnx2tf"):
         raise EdgesqzError(f"--via must be keras or onnx2tf, not {opts.via!r}")
     if opts.via == "onnx2tf" and opts.normalization != "fold":
@@ -237,12 +240,22 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
             warnings.append(f"skipped {len(calibration.skipped)} unreadable calibration images "
                             f"(e.g. {calibration.skipped[0]})")
     representative = representative_dataset(calibration.images) if calibration is not None else None
+    improved = calibration is not None and opts.via == "keras" and opts.ptq == "best"
+    to_convert = float_model
+    if improved:
+        from edgesqz.converters.quantize import prepare_int8
+
+        assert calibration is not None
+        advance = progress("preparing for int8 (equalise, round weights)", 1)
+        with captured_output(log):
+            to_convert = prepare_int8(float_model, calibration.images)
+        advance(1)
     try:
         if opts.via == "onnx2tf":
             tflite = _via_onnx2tf(model, version, opts, calibration, out_path)
         else:
             with captured_output(log):
-                tflite = to_tflite(float_model, opts.fmt, representative=representative,  # type: ignore[arg-type]
+                tflite = to_tflite(to_convert, opts.fmt, representative=representative,  # type: ignore[arg-type]
                                    io=opts.io)  # type: ignore[arg-type]
     except EdgesqzError:
         raise
@@ -257,7 +270,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         assert check_files is not None
         accuracy_block = _check(float_model, tflite, opts.check, check_files, labels, pre, calibration, progress)
 
-    info = _model_info(opts, version, pre, labels, resolved, calibration, accuracy_block, classes)
+    info = _model_info(opts, version, pre, labels, resolved, calibration, accuracy_block, classes, improved)
     from edgesqz.tflite_metadata import embed_metadata
 
     final = embed_metadata(
@@ -330,7 +343,8 @@ def _check(float_model: Any, tflite: bytes, folder: str, lf: LabelledFiles, labe
 
 
 def _model_info(opts: ConvertOptions, version: str, pre: Preprocessing, labels: Labels, resolved: ResolvedWeights,
-                calibration: ImageSet | None, accuracy_block: dict[str, Any] | None, classes: int) -> dict[str, Any]:
+                calibration: ImageSet | None, accuracy_block: dict[str, Any] | None, classes: int,
+                improved: bool) -> dict[str, Any]:
     from edgesqz import __version__
 
     in_dtype = (opts.io if opts.fmt == "int8" else "float32")
@@ -342,15 +356,19 @@ def _model_info(opts: ConvertOptions, version: str, pre: Preprocessing, labels: 
         "input": {"size": opts.input_size, "layout": "NHWC", "color_order": "RGB", "range": [0, 255],
                   "dtype": in_dtype, "normalization": "inside"},
         "preprocessing": pre.to_dict(),
-        "output": {"kind": "logits", "classes": classes},
+        # the improved int8 model leaves the final average pool to the device (finer than int8 logits)
+        "output": {"kind": "class_map" if improved else "logits", "classes": classes},
         "labels": {"count": len(labels), "ids": list(labels.ids) if labels.ids else None},
         "source_weights": resolved.meta(),
-        "quantization": {"normalization": opts.normalization, "route": opts.via},
+        "quantization": {"normalization": opts.normalization, "route": opts.via,
+                         "ptq": ("activation equalisation + GPTQ weight rounding + class-map head" if improved
+                                 else "min/max" if calibration is not None else None)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "edgesqz_version": __version__,
     }
     if calibration is not None:
-        info["calibration"] = {"source": str(opts.calib), "seed": opts.seed, "method": "min/max (TFLiteConverter)",
+        info["calibration"] = {"source": str(opts.calib), "seed": opts.seed,
+                               "method": "min/max ranges over the calibration images (TFLiteConverter)",
                                **calibration.summary()}
     if accuracy_block is not None:
         info["accuracy"] = {k: v for k, v in accuracy_block.items() if k != "classes_changed"}

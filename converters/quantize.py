@@ -1,12 +1,12 @@
 """Better full-integer (int8) post-training quantisation for SqueezeNet pixel models.
 
-Three independent, sound transforms (measured in ``benchmarks/quant_ablation.py``):
+Four sound transforms (measured in ``benchmarks/quant_ablation.py``):
 
 - **Class-map head** (:func:`class_map_model`, :func:`pool_class_map`): the int8 graph stops at
   ``classifier.2`` (ReLU of the final 1x1 conv, N x N x classes) and the device averages that map
   in float. SqueezeNet's logits are a global average of the class map, so this is the same
   function, but the averaged int8 map has ~N*N times finer resolution than an int8 logit
-  (whose scale is ~0.2 logit), so ties and rank flips between close classes disappear.
+  (whose scale is ~0.2 logit), so ties between close classes all but disappear.
 - **Equalisation** (:func:`equalize`): positive per-channel rescaling between a convolution and its
   consumers (ReLU and max-pool commute with it), as in Nagel et al. 2019, "Data-free quantization
   through weight equalization and bias correction". ``method="weights"`` is their data-free
@@ -15,10 +15,14 @@ Three independent, sound transforms (measured in ``benchmarks/quant_ablation.py`
   and per-channel weights). The float function is unchanged.
 - **Empirical bias correction** (:func:`bias_correct`): convert, run the int8 model on calibration
   images, measure each convolution's mean pre-activation error per output channel (int8 input and
-  int8 weights vs the float model) and subtract it from the float bias.
+  int8 weights vs float weights on the same int8 input) and subtract it from the float bias.
+- **Error-compensating rounding** (:func:`round_weights`): GPTQ-style rounding of each kernel onto
+  the converter's own int8 grid so that the layer *output* error, not the weight error, is small.
 
-Everything returns a new Keras model and leaves its argument untouched. :func:`pool_class_map` is
-numpy only, so the device can import this module without TensorFlow (Keras is imported lazily).
+:func:`prepare_int8` chains the recommended ones (equalisation with ``method="activations"``,
+error-compensating rounding, class-map head). Everything returns a new Keras model and leaves
+its argument untouched. :func:`pool_class_map` is numpy only, so the device can import this
+module without TensorFlow (Keras is imported lazily).
 """
 
 from __future__ import annotations
@@ -37,8 +41,6 @@ if TYPE_CHECKING:
 
 EqualizeMethod = Literal["weights", "activations"]
 
-# Layers between a convolution and its consumers that commute with a positive per-channel scale.
-_SCALE_COMMUTING = ("ReLU", "MaxPooling2D", "ZeroPadding2D", "Dropout", "Concatenate", "InputLayer")
 
 
 # --------------------------------------------------------------------------------------------
@@ -90,13 +92,17 @@ class ScalePair:
     consumers: tuple[str, ...]
 
 
+def can_equalize(model: keras.Model) -> bool:
+    """Whether :func:`equalize` applies: no bypass (Add) and no unfolded BatchNormalization layers."""
+    return not any(type(layer).__name__ in ("BatchNormalization", "Add") for layer in model.layers)
+
+
 def scale_pairs(model: keras.Model) -> list[ScalePair]:
-    """The producer/consumer pairs of a plain SqueezeNet (1.0 or 1.1, no batch norm, no bypass)."""
+    """The producer/consumer pairs of a plain SqueezeNet (1.0 or 1.1; batch norms folded, no bypass)."""
+    if not can_equalize(model):
+        raise EdgesqzError("equalisation supports SqueezeNet without bypass, with batch norms folded "
+                           "(use export.pixel_model)")
     names = {layer.name for layer in model.layers}
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind in ("BatchNormalization", "Add"):
-            raise EdgesqzError(f"equalisation supports plain SqueezeNet only; found {kind} layer {layer.name!r}")
     blocks: list[tuple[tuple[str, ...], tuple[str, ...]]] = []  # (outputs, inputs) of conv / fire in order
     for layer in model.layers:
         name = layer.name
@@ -184,7 +190,7 @@ def equalize(
     method: EqualizeMethod = "weights",
     calib_images: np.ndarray | None = None,
     iterations: int = 20,
-    alpha: float = 0.5,
+    alpha: float = 1.0,
 ) -> keras.Model:
     """Cross-layer equalisation of a plain SqueezeNet (pixel) model; returns a rescaled copy.
 
@@ -195,9 +201,10 @@ def equalize(
     - ``"weights"`` (data-free, Nagel et al.): ``s_c = sqrt(r1_c / r2_c)`` with r1 the producer
       filter's and r2 the consumer input channel's weight range, so both become sqrt(r1 r2).
     - ``"activations"``: ``s_c = a_c**alpha / r2_c**(1 - alpha)`` with ``a_c`` the channel's
-      maximum activation on ``calib_images``; alpha=0.5 gives the activation range and the
-      consumer weight range the same value sqrt(a_c r2_c), which evens out the per-tensor
-      activation grid across channels.
+      maximum activation on ``calib_images``. alpha=1 (default) gives every channel of a tensor
+      the same calibrated range, so the per-tensor int8 grid fits each channel equally well, and
+      moves the range differences into the consumer's weights (per-channel quantised; pair it
+      with :func:`round_weights`); alpha=0.5 balances both at sqrt(a_c r2_c).
 
     Pairs share layers (a Fire's squeeze is a consumer of one pair and producer of the next), so
     the scales are re-solved ``iterations`` times until they settle.
@@ -283,35 +290,19 @@ def _quantized_convs(model_bytes: bytes, interpreter: object) -> list[_QuantConv
     return convs
 
 
-def correction_stages(model: keras.Model) -> list[tuple[str, ...]]:
-    """SqueezeNet's convolutions in dependency order, layers that read the same tensor together."""
-    stages: list[tuple[str, ...]] = []
-    for layer in model.layers:
-        name = layer.name
-        if name in ("features.0", "classifier.1") or name.endswith(".squeeze"):
-            stages.append((name,))
-        elif name.endswith(".expand1x1"):
-            stages.append((name, f"{name[: -len('1x1')]}3x3"))
-    return stages
-
-
 def conv_errors(
     model: keras.Model,
     model_bytes: bytes,
     calib_images: np.ndarray,
     layers: Sequence[str] | None = None,
-    *,
-    reference: Literal["float", "weights"] = "float",
 ) -> dict[str, np.ndarray]:
-    """Mean pre-activation error (int8 - float) per output channel of convolutions of ``model``.
+    """Mean pre-activation error per output channel that each convolution's own int8 weights cause.
 
-    The int8 side is each convolution's real int8 input (from the TFLite interpreter of
-    ``model_bytes``) times its int8 weights plus its int32 bias, dequantised. ``reference="float"``
-    compares it with the float model's layer output (the whole error, inherited mean error
-    included); ``"weights"`` with the float weights applied to the same int8 input (only this
-    layer's weight-rounding error). ``layers``: the convolutions to measure (default: all).
+    Both sides read the convolution's real int8 input (from the TFLite interpreter of
+    ``model_bytes``, dequantised): int8 weights plus int32 bias vs the float weights and bias of
+    ``model``. Errors inherited from earlier layers are left out, so correcting every layer at
+    once counts nothing twice. ``layers``: the convolutions to measure (default: all).
     """
-    import keras
     import tensorflow as tf
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
@@ -324,15 +315,11 @@ def conv_errors(
     convs = [c for c in _quantized_convs(model_bytes, interpreter) if layers is None or c.name in layers]
     details = {d["index"]: d for d in interpreter.get_tensor_details()}
     inp = interpreter.get_input_details()[0]
-    probe = keras.Model(model.inputs, [model.get_layer(c.name).output for c in convs])
     sums = {c.name: np.zeros(c.kernel.shape[-1], np.float64) for c in convs}
     count = dict.fromkeys(sums, 0)
     batch_size = 8
     for start in range(0, len(calib_images), batch_size):
         batch = calib_images[start : start + batch_size]
-        floats = probe.predict_on_batch(batch.astype(np.float32)) if reference == "float" else None
-        if floats is not None and len(convs) == 1:
-            floats = [floats]
         quant_inputs: list[list[np.ndarray]] = [[] for _ in convs]
         for image in batch:
             scale, zero = inp["quantization"]
@@ -347,52 +334,31 @@ def conv_errors(
             xq = tf.constant(np.stack(quant_inputs[j]))
             strides, padding = layer.strides, layer.padding.upper()
             yq = tf.nn.conv2d(xq, c.kernel, strides=strides, padding=padding) + c.bias
-            if floats is not None:
-                yf = np.asarray(floats[j], np.float64)
-            else:
-                kernel, bias = layer.get_weights()
-                yf = (tf.nn.conv2d(xq, kernel, strides=strides, padding=padding) + bias).numpy().astype(np.float64)
-            diff = yq.numpy().astype(np.float64) - yf
+            kernel, bias = layer.get_weights()
+            yf = tf.nn.conv2d(xq, kernel, strides=strides, padding=padding) + bias
+            diff = yq.numpy().astype(np.float64) - yf.numpy().astype(np.float64)
             sums[c.name] += diff.sum(axis=(0, 1, 2))
             count[c.name] += diff.shape[0] * diff.shape[1] * diff.shape[2]
     return {name: sums[name] / count[name] for name in sums}
 
 
-def bias_correct(
-    model: keras.Model,
-    calib_images: np.ndarray,
-    *,
-    mode: Literal["sequential", "weights"] = "sequential",
-    convert: Converter | None = None,
-) -> keras.Model:
-    """Empirical bias correction; returns a copy whose conv biases cancel the int8 mean error.
+def bias_correct(model: keras.Model, calib_images: np.ndarray, *, convert: Converter | None = None) -> keras.Model:
+    """Empirical bias correction; returns a copy whose conv biases cancel the int8 weights' mean error.
 
-    - ``"sequential"``: stage by stage in dependency order (:func:`correction_stages`), convert
-      the current model with ``convert`` (default: the standard int8 recipe calibrated on
-      ``calib_images``), measure the whole mean error of the stage's convolutions against the
-      float model on ``calib_images`` and subtract it from their float biases. Later stages are
-      measured with the earlier ones already corrected, so no error is corrected twice. One
-      conversion per stage (18 for SqueezeNet 1.1).
-    - ``"weights"``: one conversion; remove only each layer's own weight-rounding mean error
-      (float vs int8 weights on the same int8 input), which cannot be counted twice either.
+    Converts ``model`` once with ``convert`` (default: the standard int8 recipe calibrated on
+    ``calib_images``), measures :func:`conv_errors` on ``calib_images`` and subtracts them from the
+    float biases. (Correcting the *whole* pre-activation error against the float model, stage by
+    stage, was measured too and is worse: most of that error sits in negative pre-activations
+    that the ReLU discards.)
     """
     if len(calib_images) == 0:
         raise EdgesqzError("bias correction needs calibration images")
-    if mode not in ("sequential", "weights"):
-        raise EdgesqzError(f"mode must be 'sequential' or 'weights', not {mode!r}")
     convert = convert or default_converter(calib_images)
     out = _clone(model)
-    if mode == "weights":
-        stages: list[tuple[str, ...] | None] = [None]
-    else:
-        stages = list(correction_stages(out))
-    for stage in stages:
-        reference: Literal["float", "weights"] = "float" if mode == "sequential" else "weights"
-        errors = conv_errors(out, convert(out), calib_images, stage, reference=reference)
-        for name, err in errors.items():
-            layer = out.get_layer(name)
-            kernel, bias = layer.get_weights()
-            layer.set_weights([kernel, (bias - err).astype(bias.dtype)])
+    for name, err in conv_errors(out, convert(out), calib_images).items():
+        layer = out.get_layer(name)
+        kernel, bias = layer.get_weights()
+        layer.set_weights([kernel, (bias - err).astype(bias.dtype)])
     return out
 
 
@@ -406,7 +372,6 @@ def _input_gram(model: keras.Model, names: Sequence[str], calib_images: np.ndarr
     import tensorflow as tf
 
     probe = keras.Model(model.inputs, [model.get_layer(n).input for n in names])
-    grams = {}
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(names, 0)
     for start in range(0, len(calib_images), 8):
@@ -422,9 +387,7 @@ def _input_gram(model: keras.Model, names: Sequence[str], calib_images: np.ndarr
             rows = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
             sums[name] = sums.get(name, 0) + rows.T @ rows
             counts[name] += rows.shape[0]
-    for name in names:
-        grams[name] = sums[name] / counts[name]
-    return grams
+    return {name: sums[name] / counts[name] for name in names}
 
 
 def _gptq_rows(kernel: np.ndarray, gram: np.ndarray, damp: float) -> np.ndarray:
@@ -472,6 +435,18 @@ def round_weights(model: keras.Model, calib_images: np.ndarray, *, damp: float =
         rounded = _gptq_rows(flat, grams[name], damp)
         layer.set_weights([rounded.reshape(kernel.shape).astype(kernel.dtype), bias])
     return out
+
+
+def prepare_int8(model: keras.Model, calib_images: np.ndarray) -> keras.Model:
+    """The recommended float model to give the int8 converter (calibrate it on ``calib_images``).
+
+    Activation equalisation (skipped for bypass variants, see :func:`can_equalize`), then
+    error-compensating weight rounding, then the class-map head (the device turns the int8 class
+    map into logits with :func:`pool_class_map`).
+    """
+    if can_equalize(model):
+        model = equalize(model, method="activations", calib_images=calib_images)
+    return class_map_model(round_weights(model, calib_images))
 
 
 def max_abs_difference(a: keras.Model, b: keras.Model, images: np.ndarray) -> float:

@@ -64,6 +64,9 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     normalization: Annotated[str, typer.Option("--normalization", help="Where the ImageNet mean/std go: 'fold' "
                                                "(into conv 1, exact) or 'layer'.")] = "fold",
+    ptq: Annotated[str, typer.Option("--ptq", help="int8 quantisation: 'best' (activation equalisation, "
+                                     "error-compensating weight rounding, class-map output) or 'plain' "
+                                     "(the converter's min/max).")] = "best",
     via: Annotated[str, typer.Option("--via", help="Conversion route: 'keras' (Keras -> TFLiteConverter) or "
                                      "'onnx2tf' (PyTorch -> ONNX -> onnx2tf).")] = "keras",
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
@@ -81,7 +84,8 @@ def convert(
         raise EdgesqzError(f"choose one format, not {' and '.join('--' + c for c in chosen)}")
     opts = ConvertOptions(version=version, weights=weights, fmt=chosen[0] if chosen else "int8", calib=calib,
                           calib_count=calib_count, io=io, input_size=input_size, labels=labels, check=check,
-                          max_drop=max_drop, output=output, force=force, normalization=normalization, via=via)
+                          max_drop=max_drop, output=output, force=force, normalization=normalization, via=via,
+                          ptq=ptq)
     with progress_bars(enabled=not json_out) as bars:
         result = run_convert(opts, bars)
     for warning in result.warnings:
@@ -265,6 +269,90 @@ def compare(
     d = rep["output_difference"]
     out.print(f"top-1 agreement {rep['top1_agreement']:.2f} %; output difference max {d['max_abs']:.4g} "
               f"(mean {d['mean_abs']:.4g}); {len(rep['classes_changed'])} classes changed")
+
+
+@app.command()
+def bench(
+    models: Annotated[list[str] | None, typer.Argument(help="Models to measure (default: the latest converted).")]
+    = None,
+    threads: Annotated[str, typer.Option("--threads", help="Thread counts to sweep, e.g. 1,2,4.")] = "1",
+    warmup: Annotated[int, typer.Option("--warmup", help="Untimed invokes per model first.")] = 10,
+    runs: Annotated[int, typer.Option("--runs", help="Timed invokes per model.")] = 100,
+    duration: Annotated[float | None, typer.Option("--duration", help="Run for S seconds instead of --runs.")] = None,
+    delegate: Annotated[str | None, typer.Option("--delegate", help="edgetpu[:usb|:pci|:usb:N].")] = None,
+    source: Annotated[str | None, typer.Option("--source", help="Also time the pipeline per stage on this video, "
+                                               "image folder or stream.")] = None,
+    camera: Annotated[str | None, typer.Option("--camera", help="Also time the pipeline on camera N.")] = None,
+    frames: Annotated[int, typer.Option("--frames", help="Frames for the pipeline measurement.")] = 100,
+    json_file: Annotated[str | None, typer.Option("--json", help="Write the report as JSON to FILE ('-': stdout).")]
+    = None,
+    csv_file: Annotated[str | None, typer.Option("--csv", help="Write one CSV row per model and thread count.")]
+    = None,
+    plot_file: Annotated[str | None, typer.Option("--plot", help="Draw the latency distributions to FILE.png "
+                                                  "(needs matplotlib).")] = None,
+) -> None:
+    """Measure latency on this device: cold start, steady state, per-stage pipeline, with device facts."""
+    import json
+    from pathlib import Path
+
+    from edgesqz.console import err, out, progress_bars
+    from edgesqz.device import bench as b
+    from edgesqz.device.cli import resolve_model
+
+    thread_list = b.parse_threads(threads)
+    if plot_file:
+        b.require_matplotlib()
+    paths = [str(m) for m in models] if models else [str(resolve_model(None))]
+    to_stdout = json_file == "-"
+    settings = {"threads": thread_list, "warmup": warmup, "runs": None if duration else runs, "duration_s": duration,
+                "delegate": delegate, "source": source or (f"camera {camera}" if camera is not None else None)}
+    pipeline = []
+    sources = []
+    if source is not None or camera is not None:  # fail on a bad source before measuring anything
+        from edgesqz.device.sources import open_source
+
+        sources = [open_source(camera=camera, source=source) for _ in thread_list]
+        sources[0].open()
+    with progress_bars(enabled=not to_stdout) as bars:
+        rows = b.bench_models(paths, threads=thread_list, warmup=warmup, runs=None if duration else runs,
+                              duration=duration, delegate=delegate, progress=bars)
+        if sources:
+            for n, src in zip(thread_list, sources, strict=True):
+                pipeline.append(b.bench_pipeline(paths[0], src, threads=n, frames=frames, delegate=delegate,
+                                                 advance=bars(f"pipeline, {n} thread{'s' if n > 1 else ''}", frames)))
+    rep = b.bench_report(rows, pipeline, settings, keep_samples=plot_file is None and json_file is not None)
+    if plot_file:
+        b.plot(rows, plot_file)
+        rep = b.bench_report(rows, pipeline, settings, keep_samples=False)
+    if json_file and not to_stdout:
+        Path(json_file).write_text(json.dumps(rep, indent=2) + "\n")
+    if csv_file:
+        b.write_csv(rows, csv_file)
+    if to_stdout:
+        typer.echo(json.dumps(rep, indent=2))
+        return
+    from rich.table import Table
+
+    dev = rep["device"]
+    table = Table(title=f"edgesqz bench on {dev['board'] or dev['cpu']} ({dev['cores']} cores, governor "
+                        f"{dev['governor'] or '?'}, {dev['temperature_c'] or '?'} C)", title_justify="left")
+    for col in ("model", "MB", "thr", "delegate", "cold", "p50", "p90", "p99", "mean", "std", "FPS"):
+        table.add_column(col, justify="left" if col in ("model", "delegate") else "right")
+    for r in rows:
+        lat, cov = r["latency"], r["coverage"]
+        table.add_row(Path(r["model"]).name, f"{r['size_bytes'] / 1e6:.2f}", str(r["threads"]),
+                      f"{r['delegate'] or 'XNNPACK'} {cov['delegated_ops']}/{cov['total_ops']}",
+                      f"{r['cold']['create_ms'] + r['cold']['first_invoke_ms']:.0f}", f"{lat['p50_ms']:.2f}",
+                      f"{lat['p90_ms']:.2f}", f"{lat['p99_ms']:.2f}", f"{lat['mean_ms']:.2f}", f"{lat['std_ms']:.2f}",
+                      f"{lat['fps']:.1f}")
+    out.print(table)
+    out.print(f"ms; cold = interpreter creation + first invoke; {rows[0]['backend']} {rows[0]['backend_version']}, "
+              f"Python {dev['python']}, numpy {dev['numpy']}")
+    for p in pipeline:
+        st = p["stages"]
+        out.print(f"pipeline {p['source']}, {p['threads']} thread(s), p50 ms: " + ", ".join(
+            f"{k} {v['p50_ms']:.2f}" for k, v in st.items()) + f"  ({st['end_to_end']['fps']:.1f} FPS sequential)")
+    err.print(f"peak RSS {rep['peak_rss_mb']} MB")
 
 
 edgetpu_app = typer.Typer(help="Coral Edge TPU: check a model's compatibility, compile it.", no_args_is_help=True)

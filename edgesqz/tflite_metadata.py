@@ -416,7 +416,7 @@ def embed_metadata(
     out.write(_set_metadata_buffer(model, metadata))
     # Zip written after the flatbuffer with absolute offsets, as the standard populator's
     # ZipFile(model, "a") does. Stored (uncompressed) with a fixed date: deterministic bytes.
-    files = {INFO_FILE: json.dumps(info, indent=2, sort_keys=True).encode("utf-8")}
+    files = {INFO_FILE: json.dumps(info, sort_keys=True, separators=(",", ":")).encode("utf-8")}
     if labels is not None:
         files = {LABELS_FILE: "".join(f"{label}\n" for label in labels).encode("utf-8"), **files}
     with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_STORED) as zf:

@@ -126,6 +126,15 @@ def labelled_files(root: str | Path, labels: Labels) -> LabelledFiles:
     if not files:
         raise EdgesqzError(f"no images in {root}")
     table = labels.index()
+
+    def label_of(folder: str) -> int | None:
+        return table.get(folder, table.get(folder.lower()))
+
+    nested = [f for f in files if f.parent != root]
+    folders = sorted({f.relative_to(root).parts[0] for f in nested})
+    if len(nested) == len(files) and all(label_of(d) is not None for d in folders):
+        targets = [label_of(f.relative_to(root).parts[0]) for f in files]
+        return LabelledFiles(files, [int(t) for t in targets if t is not None], "folders")
     by_wnid = [(f, _WNID.match(f.name)) for f in files]
     if all(m for _, m in by_wnid):
         if labels.ids is None:
@@ -133,22 +142,15 @@ def labelled_files(root: str | Path, labels: Labels) -> LabelledFiles:
                 f"{root} is labelled by ImageNet wnids but the labels carry no wnids; pass --labels "
                 "imagenet_class_index.json (the {\"0\": [wnid, name]} form)"
             )
-        pairs = [(f, table.get(m.group(1))) for f, m in by_wnid if m]
-        unknown = sorted({m.group(1) for f, m in by_wnid if m and m.group(1) not in table})
+        unknown = sorted({m.group(1) for _, m in by_wnid if m and m.group(1) not in table})
         if unknown:
             raise EdgesqzError(f"{len(unknown)} wnids in {root} are not in the labels, e.g. {unknown[0]}")
-        return LabelledFiles([f for f, _ in pairs], [t for _, t in pairs if t is not None], "wnid")
-    nested = [f for f in files if f.parent != root]
+        return LabelledFiles(files, [table[m.group(1)] for _, m in by_wnid if m], "wnid")
     if len(nested) == len(files):
-        folders = sorted({f.relative_to(root).parts[0] for f in files})
-        unknown = [d for d in folders if d not in table and d.lower() not in table]
-        if unknown:
-            raise EdgesqzError(
-                f"sub-folders of {root} must be named like the labels; {len(unknown)} are not, e.g. {unknown[0]!r}"
-            )
-        targets = [table.get(f.relative_to(root).parts[0], table.get(f.relative_to(root).parts[0].lower(), -1))
-                   for f in files]
-        return LabelledFiles(files, targets, "folders")
+        unknown = [d for d in folders if label_of(d) is None]
+        raise EdgesqzError(
+            f"sub-folders of {root} must be named like the labels; {len(unknown)} are not, e.g. {unknown[0]!r}"
+        )
     raise EdgesqzError(
         f"{root} is not labelled: name files <wnid>_*.JPEG (ImageNet) or put each class in a sub-folder named "
         "after its label"

@@ -56,7 +56,8 @@ def coarse(tmp_path_factory: pytest.TempPathFactory, imagenet_sample: Path, imag
 @pytest.fixture(scope="module")
 def trained(coarse: Path, real_weights: Path) -> tuple[Path, dict]:
     out = coarse / "coarse.keras"
-    result = edgesqz("train", "--data", str(coarse / "train"), "--weights", str(real_weights), "--epochs", "3",
+    result = edgesqz("train", "--data", str(coarse / "train"), "--weights", str(real_weights), "--epochs", "5",
+                     "--batch-size", "16",
                      "-o", str(out), "--json")
     assert result.returncode == 0, result.stderr[-2000:]
     return out, json.loads(result.stdout)
@@ -65,7 +66,7 @@ def trained(coarse: Path, real_weights: Path) -> tuple[Path, dict]:
 def test_fine_tuning_beats_the_bar_and_int8_keeps_it(coarse: Path, trained: tuple[Path, dict]) -> None:
     out, summary = trained
     assert summary["classes"] == ["bird", "dog", "reptile"]
-    assert summary["images_per_second"] > 0 and summary["epochs_run"] == 3
+    assert summary["images_per_second"] > 0 and 3 <= summary["epochs_run"] <= 5
     model = coarse / "coarse-int8.tflite"
     result = edgesqz("convert", "--weights", str(out), "--int8", "--calib", str(coarse / "train"),
                      "--check", str(coarse / "test"), "-o", str(model), "--json")

@@ -54,6 +54,7 @@ class ConvertOptions:
     normalization: str = "fold"
     seed: int = 0
     via: str = "keras"  # or "onnx2tf": PyTorch -> ONNX -> onnx2tf, the independent second route
+    edgetpu: bool = False  # check Edge TPU compatibility (and compile when edgetpu_compiler exists)
     ptq: str = "best"  # int8 via keras: "best" (equalise + GPTQ rounding + class-map head) or "plain" (min/max)
 
 
@@ -185,6 +186,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
             raise EdgesqzError(f"--calib {calib}: give a folder of images or a video file (.mp4, .avi, ...)")
         if not calib.is_file():
             calibration_files(calib)  # fails now, not after loading TensorFlow, when there are no images
+    if opts.edgetpu and opts.fmt != "int8":
+        raise EdgesqzError("--edgetpu needs --int8: the Edge TPU runs only full-integer models")
     if opts.ptq not in ("best", "plain"):
         raise EdgesqzError(f"--ptq must be best or plain, not {opts.ptq!r}")
     if opts.via not in ("keras", "onnx2tf"):
@@ -301,10 +304,34 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     import json
 
     atomic_write(out_path, final)
+    if opts.edgetpu:
+        rep["edgetpu"] = _edgetpu(out_path, warnings)
     atomic_write(report_path, (json.dumps(rep, indent=2) + "\n").encode())
     if not opts.output:
         _point_latest(out_path)
     return ConvertResult(out_path, report_path, rep, warnings)
+
+
+def _edgetpu(path: Path, warnings: list[str]) -> dict[str, Any]:
+    """Check the written model against the Edge TPU's rules; compile it when the compiler is installed."""
+    import shutil
+
+    from edgesqz.edgetpu import check_model, compile_model
+
+    check = check_model(path)
+    if not check.compatible:
+        path.unlink()
+        raise EdgesqzError("the model would not map fully onto the Edge TPU (" + "; ".join(check.reasons)
+                           + "); model not written")
+    result: dict[str, Any] = {"check": check.to_dict(), "compiled": None}
+    if shutil.which("edgetpu_compiler"):
+        compiled = compile_model(path)
+        result["compiled"] = {"model": str(compiled.output), "fully_mapped": compiled.fully_mapped,
+                              "ops": compiled.rows}
+    else:
+        warnings.append("edgetpu_compiler is not installed here: the model passes the Edge TPU check; compile it "
+                        "on an x86_64 Linux host with `edgesqz edgetpu compile MODEL`")
+    return result
 
 
 def _via_onnx2tf(model: Any, version: str, opts: ConvertOptions, calibration: ImageSet | None,

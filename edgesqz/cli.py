@@ -24,6 +24,16 @@ app = typer.Typer(
 )
 
 
+def _register_device_commands() -> None:
+    """``run`` and ``classify`` live with the device runtime (no TensorFlow, no PyTorch)."""
+    from edgesqz.device.cli import register
+
+    register(app)
+
+
+_register_device_commands()
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"edgesqz {__version__}")
@@ -64,6 +74,8 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
     normalization: Annotated[str, typer.Option("--normalization", help="Where the ImageNet mean/std go: 'fold' "
                                                "(into conv 1, exact) or 'layer'.")] = "fold",
+    edgetpu: Annotated[bool, typer.Option("--edgetpu", help="Check the int8 model maps fully onto a Coral Edge "
+                                          "TPU (and compile it when edgetpu_compiler is installed).")] = False,
     ptq: Annotated[str, typer.Option("--ptq", help="int8 quantisation: 'best' (activation equalisation, "
                                      "error-compensating weight rounding, class-map output) or 'plain' "
                                      "(the converter's min/max).")] = "best",
@@ -85,7 +97,7 @@ def convert(
     opts = ConvertOptions(version=version, weights=weights, fmt=chosen[0] if chosen else "int8", calib=calib,
                           calib_count=calib_count, io=io, input_size=input_size, labels=labels, check=check,
                           max_drop=max_drop, output=output, force=force, normalization=normalization, via=via,
-                          ptq=ptq)
+                          ptq=ptq, edgetpu=edgetpu)
     with progress_bars(enabled=not json_out) as bars:
         result = run_convert(opts, bars)
     for warning in result.warnings:
@@ -112,6 +124,9 @@ def convert(
         err.print(f"checked on {acc['images']} images ({acc['excluded_calibration_images']} calibration images left "
                   f"out); {len(acc['classes_changed'])} classes changed; {acc['tied_top_outputs']:.1f} % tied top "
                   "outputs")
+    if rep.get("edgetpu"):
+        compiled = rep["edgetpu"]["compiled"]
+        err.print("Edge TPU: compatible" + (f"; compiled to {compiled['model']}" if compiled else ""))
     err.print(f"wrote {result.path}\nreport {result.report_path}")
 
 

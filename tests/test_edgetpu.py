@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -140,3 +141,17 @@ MEAN                           1          Operation is otherwise supported, but 
     assert [r["op"] for r in rows] == ["CONV_2D", "MAX_POOL_2D", "MEAN"]
     assert rows[0] == {"op": "CONV_2D", "count": 26, "status": "Mapped to Edge TPU"}
     assert rows[2]["status"].startswith("Operation is otherwise supported")
+
+
+def test_convert_for_the_edgetpu(tmp_path: Path, real_weights: Path, photos: list[Path]) -> None:
+    out = tmp_path / "m.tflite"
+    result = subprocess.run([sys.executable, "-m", "edgesqz", "convert", "--weights", str(real_weights), "--int8",
+                             "--edgetpu", "--ptq", "plain", "--calib", str(photos[0].parent), "-o", str(out),
+                             "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["edgetpu"]["check"]["compatible"] and check_model(out).compatible
+    assert "edgetpu_compiler is not installed" in result.stderr
+    wrong = subprocess.run([sys.executable, "-m", "edgesqz", "convert", "--weights", str(real_weights), "--float16",
+                            "--edgetpu", "-o", str(tmp_path / "f.tflite")], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "--edgetpu needs --int8" in wrong.stderr

@@ -7,9 +7,14 @@ itself imports none of them until an interpreter is made.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import importlib
 import os
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,8 +99,52 @@ def check_model_file(path: str | os.PathLike[str]) -> bytes:
     # reuse the metadata reader's structural check (identifier, buffers inside the file)
     from edgesqz.tflite_metadata import read_metadata
 
-    read_metadata(data)
+    try:
+        read_metadata(data)
+    except EdgesqzError as exc:  # name the file, not "the model data"
+        raise EdgesqzError(str(exc).replace("the model data", f"model {path}", 1)) from exc
     return data
+
+
+@contextlib.contextmanager
+def native_stderr() -> Iterator[list[str]]:
+    """Capture what native code (LiteRT, FFmpeg, V4L2) writes to file descriptor 2 meanwhile.
+
+    Yields a list that receives the captured lines once the block ends, so they can be filtered or
+    folded into a one-line error instead of reaching the terminal. Only in the main thread (it
+    redirects the process's stderr for the duration); elsewhere it captures nothing.
+    """
+    lines: list[str] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield lines
+        return
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield lines
+        return
+    cv2_logging = _cv2_logging()
+    level = cv2_logging.getLogLevel() if cv2_logging else None
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        if cv2_logging:
+            cv2_logging.setLogLevel(cv2_logging.LOG_LEVEL_SILENT)
+        try:
+            yield lines
+        finally:
+            if cv2_logging:
+                cv2_logging.setLogLevel(level)
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            lines.extend(line.strip() for line in tmp.read().decode("utf-8", "replace").splitlines() if line.strip())
+
+
+def _cv2_logging() -> Any:
+    """OpenCV's logging module when OpenCV is already imported (its own warnings bypass fd 2 buffering)."""
+    cv2 = sys.modules.get("cv2")
+    return getattr(getattr(cv2, "utils", None), "logging", None)
 
 
 def make_interpreter(

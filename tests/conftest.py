@@ -67,8 +67,9 @@ def _test_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _build_model(tmp_path_factory: pytest.TempPathFactory, fmt: str) -> Path:
-    target = _test_models_dir(tmp_path_factory) / f"squeezenet1_1-{fmt}.tflite"
+def _build_model(tmp_path_factory: pytest.TempPathFactory, fmt: str, ptq: str = "best") -> Path:
+    suffix = "-plain" if ptq == "plain" else ""
+    target = _test_models_dir(tmp_path_factory) / f"squeezenet1_1-{fmt}{suffix}.tflite"
     if target.exists():
         return target
     try:
@@ -79,7 +80,7 @@ def _build_model(tmp_path_factory: pytest.TempPathFactory, fmt: str) -> Path:
     from edgesqz.converters.convert import ConvertOptions, convert
 
     convert(ConvertOptions(
-        weights=str(weights), fmt=fmt, output=str(target),
+        weights=str(weights), fmt=fmt, output=str(target), ptq=ptq,
         calib=str(_need(SHARED / "data" / "imagenet-sample-1000")) if fmt == "int8" else None,
         calib_count=CALIB_FOR_TESTS, labels=str(_need(SHARED / "data" / "labels" / "imagenet_class_index.json")),
     ))
@@ -90,6 +91,12 @@ def _build_model(tmp_path_factory: pytest.TempPathFactory, fmt: str) -> Path:
 def int8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SqueezeNet 1.1, real weights, full int8, calibrated on 48 shared ImageNet photos."""
     return _build_model(tmp_path_factory, "int8")
+
+
+@pytest.fixture(scope="session")
+def int8_plain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same, quantised with the converter's min/max alone: logits output (MEAN inside the model)."""
+    return _build_model(tmp_path_factory, "int8", ptq="plain")
 
 
 @pytest.fixture(scope="session")

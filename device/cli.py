@@ -1,0 +1,275 @@
+"""``edgesqz run`` and ``edgesqz classify``: thin layers over :class:`Pipeline` and :class:`Classifier`.
+
+``register(app)`` adds both commands to the main Typer app. Progress and facts (model, backend,
+XNNPACK coverage, source, summary) go to stderr, so stdout carries only results (JSON lines with
+``--json``). Errors a user can fix print one ``error: ...`` line and exit non-zero, with no
+traceback, whichever app the commands are registered on.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from edgesqz.errors import EdgesqzError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CONVERT_HINT = "edgesqz convert --int8 --weights squeezenet1_1.pth --calib DIR"
+METADATA_PANEL = "Models without metadata"
+
+
+def _info(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+def _errors_as_one_line(func: F) -> F:
+    """Turn EdgesqzError into ``error: ...`` on stderr and the error's exit code."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except EdgesqzError as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:  # a second Ctrl-C during a run
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def resolve_model(model: Path | None) -> Path:
+    """``--model``, else the model ``convert`` last wrote, else an error saying how to make one."""
+    if model is not None:
+        return model
+    from edgesqz.paths import default_model_path
+
+    path = default_model_path()
+    if path.exists():
+        return path
+    raise EdgesqzError(f"no --model given and no converted model at {path}; make one with `{CONVERT_HINT}` "
+                       "(it is written there), or pass --model FILE.tflite")
+
+
+def _floats(value: str | None, name: str) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError as exc:
+        raise EdgesqzError(f"{name} takes one number or three separated by commas, not {value!r}") from exc
+
+
+def _classifier(model: Path | None, *, threads: int | None, delegate: str | None, top_k: int, threshold: float,
+                labels: Path | None, crop_fraction: float | None, color_order: str | None, mean: str | None,
+                std: str | None, output_kind: str | None) -> Any:
+    from edgesqz.device.classifier import Classifier
+
+    path = resolve_model(model)
+    classifier = Classifier(path, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
+                            labels=labels, crop_fraction=crop_fraction, color_order=color_order,
+                            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), output_kind=output_kind)
+    _info(f"model: {classifier.describe_model()}")
+    _info(f"runtime: {classifier.describe_runtime()}")
+    return classifier
+
+
+# Options shared by run and classify for models without metadata.
+LabelsOpt = Annotated[Path | None, typer.Option(
+    "--labels", help="Labels file (one per line, or JSON); overrides the model's own.", rich_help_panel=METADATA_PANEL)]
+CropOpt = Annotated[float | None, typer.Option(
+    "--crop-fraction", help="Centre crop as a fraction of the shorter side (default: metadata, else 0.875).",
+    rich_help_panel=METADATA_PANEL)]
+ColorOpt = Annotated[str | None, typer.Option(
+    "--color-order", help="RGB or BGR model input (default: metadata, else RGB).", rich_help_panel=METADATA_PANEL)]
+MeanOpt = Annotated[str | None, typer.Option(
+    "--mean", help="Input normalisation (pixel - mean) / std: one value or R,G,B (default: metadata, else 0).",
+    rich_help_panel=METADATA_PANEL)]
+StdOpt = Annotated[str | None, typer.Option(
+    "--std", help="See --mean (default: metadata, else 1).", rich_help_panel=METADATA_PANEL)]
+KindOpt = Annotated[str | None, typer.Option(
+    "--output-kind", help="logits, probabilities or class_map (default: metadata, else from the graph).",
+    rich_help_panel=METADATA_PANEL)]
+ModelOpt = Annotated[Path | None, typer.Option(
+    "--model", "-m", help="The .tflite model (default: the one `edgesqz convert` wrote last).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Interpreter threads (default: one per CPU core).")]
+DelegateOpt = Annotated[str | None, typer.Option(
+    "--delegate", help="edgetpu, edgetpu:usb, edgetpu:usb:0, edgetpu:pci (Coral Edge TPU).")]
+TopKOpt = Annotated[int, typer.Option("--top-k", "-k", help="How many classes to report per frame.")]
+
+
+@_errors_as_one_line
+def run(
+    model: ModelOpt = None,
+    camera: Annotated[str | None, typer.Option(
+        "--camera", help="Camera index (OpenCV/V4L2 USB camera) or 'picamera2' (Raspberry Pi camera module); "
+                         "camera 0 when there is no --source.")] = None,
+    source: Annotated[str | None, typer.Option(
+        "--source", help="Video file, RTSP/HTTP stream URL, image file or folder of images.")] = None,
+    width: Annotated[int | None, typer.Option("--width", help="Requested camera frame width.")] = None,
+    height: Annotated[int | None, typer.Option("--height", help="Requested camera frame height.")] = None,
+    fps: Annotated[float | None, typer.Option(
+        "--fps", help="Requested camera frame rate; with a video file, play it live at this rate.")] = None,
+    threads: ThreadsOpt = None,
+    delegate: DelegateOpt = None,
+    top_k: TopKOpt = 5,
+    threshold: Annotated[float, typer.Option(
+        "--threshold", help="Leave out classes scoring below this probability.")] = 0.0,
+    max_frames: Annotated[int | None, typer.Option("--max-frames", help="Stop after this many frames.")] = None,
+    duration: Annotated[float | None, typer.Option("--duration", help="Stop after this many seconds.")] = None,
+    json_lines: Annotated[bool, typer.Option(
+        "--json", help="One JSON object per frame on stdout, then the run summary.")] = False,
+    output: Annotated[Path | None, typer.Option(
+        "--output", "-o", help="Write the JSON lines (and the summary) to this .jsonl file.")] = None,
+    record: Annotated[Path | None, typer.Option(
+        "--record", help="Write the annotated frames to this video (.mp4 or .avi).")] = None,
+    no_display: Annotated[bool, typer.Option(
+        "--no-display", help="Never open a window (headless is automatic without a display).")] = False,
+    labels: LabelsOpt = None,
+    crop_fraction: CropOpt = None,
+    color_order: ColorOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    output_kind: KindOpt = None,
+) -> None:
+    """Classify frames from a camera, a video, a stream or images in real time."""
+    from edgesqz.device.pipeline import Pipeline
+    from edgesqz.device.sinks import (
+        ConsoleSink,
+        JsonLinesSink,
+        Sink,
+        VideoRecordSink,
+        WindowSink,
+        display_status,
+    )
+    from edgesqz.device.sources import open_source
+
+    sinks: list[Sink] = []
+    if record is not None:
+        sinks.append(VideoRecordSink(record))  # checks the path before anything is opened
+    frame_source = open_source(camera=camera, source=source, width=width, height=height, fps=fps)
+    frame_source.open()  # a missing camera or an unreadable video fails here, before the model loads
+    try:
+        classifier = _classifier(model, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
+                                 labels=labels, crop_fraction=crop_fraction, color_order=color_order, mean=mean,
+                                 std=std, output_kind=output_kind)
+        window = False
+        if not no_display:
+            window, why = display_status()
+            _info(f"display: {why}" if window else f"display: none, running headless ({why})")
+        if window:
+            sinks.append(WindowSink())
+        if json_lines:
+            sinks.append(JsonLinesSink(sys.stdout))
+        if output is not None:
+            sinks.append(JsonLinesSink(output))
+        if not json_lines and not window:
+            sinks.append(ConsoleSink())
+        pipeline = Pipeline(frame_source, classifier, sinks, top_k=top_k, threshold=threshold,
+                            max_frames=max_frames, duration=duration)
+    except BaseException:
+        frame_source.close()
+        raise
+    size = frame_source.frame_size
+    details = [f"{size[0]}x{size[1]}" if size else "", f"{frame_source.fps:g} fps" if frame_source.fps else "",
+               "live: newest frame only" if frame_source.live else ""]
+    _info(f"source: {frame_source.description}" + (f" ({', '.join(d for d in details if d)})" if any(details) else ""))
+    if (width or height) and not frame_source.live:
+        _info("note: --width/--height are requests to a camera; files are read at their own size")
+    try:
+        summary = pipeline.run()
+    except EdgesqzError:
+        if pipeline.summary.frames:  # e.g. the camera went away after a while: still say what was done
+            _info(pipeline.summary.describe())
+        raise
+    _info(summary.describe())
+    if record is not None:
+        _info(f"recorded {record}")
+
+
+@_errors_as_one_line
+def classify(
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.", show_default=False)],
+    model: ModelOpt = None,
+    top_k: TopKOpt = 5,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
+    threads: ThreadsOpt = None,
+    delegate: DelegateOpt = None,
+    labels: LabelsOpt = None,
+    crop_fraction: CropOpt = None,
+    color_order: ColorOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    output_kind: KindOpt = None,
+) -> None:
+    """Print the top-k classes of each image (a table, or JSON lines with --json)."""
+    import time
+
+    from edgesqz.imaging import list_images, read_image
+    from edgesqz.schema import dumps, record
+
+    paths: list[Path] = []
+    for item in images:
+        if not item.exists():
+            raise EdgesqzError(f"image {item} does not exist")
+        found = list_images(item) if item.is_dir() else [item]
+        if not found:
+            raise EdgesqzError(f"no images in folder {item}")
+        paths.extend(found)
+    classifier = _classifier(model, threads=threads, delegate=delegate, top_k=top_k, threshold=0.0, labels=labels,
+                             crop_fraction=crop_fraction, color_order=color_order, mean=mean, std=std,
+                             output_kind=output_kind)
+    rows: list[tuple[str, list[dict[str, Any]], float]] = []
+    failed: list[str] = []
+    for i, path in enumerate(paths):
+        try:
+            t0 = time.perf_counter()
+            image = read_image(path)
+            timestamp = time.time()
+            out = classifier.scores(image)
+            top = classifier.top(out.scores, top_k)
+            end_to_end = (time.perf_counter() - t0) * 1e3
+        except EdgesqzError as exc:
+            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            failed.append(str(path))
+            continue
+        latency = {**out.timings, "end_to_end": end_to_end}
+        if json_lines:
+            typer.echo(dumps(record("classification", source=str(path), frame=i, image=str(path),
+                                    timestamp=round(timestamp, 6), top_k=top,
+                                    latency_ms={k: round(v, 3) for k, v in latency.items()})))
+        rows.append((str(path), top, latency["inference"]))
+    if not json_lines and rows:
+        _print_table(rows)
+    if failed:
+        raise typer.Exit(2)
+
+
+def _print_table(rows: list[tuple[str, list[dict[str, Any]], float]]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    table.add_column("image", overflow="fold")
+    table.add_column("#", justify="right")
+    table.add_column("label")
+    table.add_column("score", justify="right")
+    table.add_column("ms", justify="right")
+    for path, top, ms in rows:
+        for rank, p in enumerate(top, 1):
+            table.add_row(Path(path).name if rank == 1 else "", str(rank), p["label"], f"{p['score']:.4f}",
+                          f"{ms:.1f}" if rank == 1 else "")
+    Console(soft_wrap=False, width=max(100, Console().width)).print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``run`` and ``classify`` to ``app`` (the main ``edgesqz`` app calls this)."""
+    app.command("run")(run)
+    app.command("classify")(classify)

@@ -85,6 +85,7 @@ def test_bad_input(int8_model: Path, tmp_path: Path) -> None:
         ((str(int8_model), "--threads", "0"), "--threads must be >= 1"),
         ((str(int8_model), "--threads", "two"), "--threads takes numbers"),
         ((str(int8_model), "--delegate", "gpu"), "unknown delegate"),
+        ((str(int8_model), "--delegate", "edgetpu:usb"), "Edge TPU"),
         ((str(int8_model), "--source", str(tmp_path / "none.mp4")), "does not exist"),
     ]
     for args, fragment in cases:

@@ -17,7 +17,6 @@ calibration used.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -37,6 +36,7 @@ from edgesqz.device.runtime import (
 )
 from edgesqz.errors import EdgesqzError
 from edgesqz.imaging import preprocess
+from edgesqz.labels import load_labels as _load_labels
 from edgesqz.schema import top_k as schema_top_k
 from edgesqz.tflite_metadata import ModelMetadata, read_metadata
 
@@ -246,29 +246,8 @@ def detect_output_kind(interpreter: Any, detail: dict[str, Any]) -> str:
 
 
 def load_labels(path: str | os.PathLike[str]) -> list[str]:
-    """Labels from a text file (one per line), a JSON list, or torchvision's ``{"0": [wnid, name]}`` index."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError as exc:
-        raise EdgesqzError(f"labels file {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EdgesqzError(f"cannot read labels file {path}: {exc}") from exc
-    if path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise EdgesqzError(f"labels file {path} is not valid JSON: {exc}") from exc
-        if isinstance(data, list):
-            return [str(x) for x in data]
-        if isinstance(data, dict) and all(str(k).isdigit() for k in data):
-            items = sorted(data.items(), key=lambda kv: int(kv[0]))
-            return [str(v[-1]) if isinstance(v, list) else str(v) for _, v in items]
-        raise EdgesqzError(f"labels file {path}: expected a JSON list or an {{index: [id, name]}} object")
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.removesuffix("\r") for line in lines]
+    """Label names from a labels file, in any form :func:`edgesqz.labels.load_labels` reads."""
+    return list(_load_labels(path).names)
 
 
 # --------------------------------------------------------------------------- classifier

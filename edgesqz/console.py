@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-err = Console(stderr=True)
-out = Console(soft_wrap=True)
+# Pipes and CI logs get 120 columns rather than rich's default 80, so tables stay readable.
+err = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 120)
 
 
 @contextmanager

@@ -7,6 +7,7 @@ only once everything succeeded (including the ``--max-drop`` gate).
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import time
@@ -293,16 +294,12 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     )
     report_path = out_path.with_suffix(".report.json")
     if accuracy_block and opts.max_drop is not None and accuracy_block["top1_drop"] > opts.max_drop:
-        import json
-
         rejected = out_path.with_suffix(".rejected.report.json")
         atomic_write(rejected, (json.dumps(rep, indent=2) + "\n").encode())
         raise AccuracyGateError(
             f"{opts.fmt} loses {accuracy_block['top1_drop']:.2f} top-1 points (> --max-drop {opts.max_drop}); "
             f"model not written, report in {rejected}"
         )
-    import json
-
     atomic_write(out_path, final)
     if opts.edgetpu:
         rep["edgetpu"] = _edgetpu(out_path, warnings)

@@ -36,6 +36,11 @@ def photos() -> list[Path]:
 
 
 @pytest.fixture(scope="session")
+def photos_dir() -> Path:
+    return _need(SHARED / "data" / "photos")
+
+
+@pytest.fixture(scope="session")
 def imagenet_sample() -> Path:
     return _need(SHARED / "data" / "imagenet-sample-1000")
 

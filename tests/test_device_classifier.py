@@ -30,15 +30,6 @@ CLI_BOOT = ("import typer; from edgesqz.device.cli import register; "
 
 
 @pytest.fixture(scope="session")
-def photos_dir() -> Path:
-    shared = os.environ.get("EDGESQZ_SHARED")
-    folder = Path(shared) / "data" / "photos" if shared else None
-    if folder is None or not folder.is_dir():
-        pytest.skip("needs the shared photos ($EDGESQZ_SHARED/data/photos)")
-    return folder
-
-
-@pytest.fixture(scope="session")
 def imagenet_labels_file() -> Path:
     shared = os.environ.get("EDGESQZ_SHARED")
     path = Path(shared) / "data" / "labels" / "imagenet_class_index.json" if shared else None

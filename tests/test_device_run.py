@@ -24,15 +24,6 @@ CLASSIFICATION_KEYS = {"schema", "kind", "source", "frame", "timestamp", "top_k"
 LATENCY_KEYS = {"preprocess", "inference", "postprocess", "end_to_end"}
 
 
-@pytest.fixture(scope="session")
-def photos_dir() -> Path:
-    shared = os.environ.get("EDGESQZ_SHARED")
-    folder = Path(shared) / "data" / "photos" if shared else None
-    if folder is None or not folder.is_dir():
-        pytest.skip("needs the shared photos ($EDGESQZ_SHARED/data/photos)")
-    return folder
-
-
 def _cli_prefix() -> list[str]:
     try:
         from edgesqz import cli as main_cli

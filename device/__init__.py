@@ -10,7 +10,8 @@ Nothing in this package imports TensorFlow or PyTorch.
 
 Modules, bottom up: ``runtime`` (interpreter backends, delegates), ``classifier`` (frame ->
 scores), ``sources`` (cameras, files, streams in reader threads), ``results`` / ``sinks``
-(JSON lines, window, video), ``pipeline`` (the loop), ``cli`` (``edgesqz run`` / ``classify``).
+(JSON lines, window, video), ``serve`` (live web preview), ``pipeline`` (the loop), ``cli``
+(``edgesqz run`` / ``classify``).
 The names below are imported on first use, so ``import edgesqz.device.runtime`` stays light.
 """
 
@@ -38,6 +39,7 @@ _EXPORTS = {
     "VideoRecordSink": "sinks",
     "annotate": "sinks",
     "display_status": "sinks",
+    "ServeSink": "serve",
     "make_interpreter": "runtime",
     "delegate_coverage": "runtime",
 }

@@ -8,6 +8,7 @@ traceback, whichever app the commands are registered on.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from collections.abc import Callable
@@ -22,6 +23,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 CONVERT_HINT = "edgesqz convert --int8 --weights squeezenet1_1.pth --calib DIR"
 METADATA_PANEL = "Models without metadata"
+SERVE_PANEL = "Live web preview"
 
 
 def _info(message: str) -> None:
@@ -81,6 +83,21 @@ def _classifier(model: Path | None, *, threads: int | None, delegate: str | None
     return classifier
 
 
+def _serve_sink(address: str | None, token: str | None, max_viewers: int | None) -> Any:
+    """The ``--serve`` sink, its socket already bound (so a bad address or a busy port fails first), or None."""
+    if address is None:
+        for name, value in (("--token", token), ("--max-viewers", max_viewers)):
+            if value is not None:
+                raise EdgesqzError(f"{name} needs --serve [HOST:]PORT")
+        return None
+    from edgesqz.device.serve import DEFAULT_MAX_VIEWERS, ServeSink
+
+    viewers = DEFAULT_MAX_VIEWERS if max_viewers is None else max_viewers
+    sink = ServeSink(address, token=token, max_viewers=viewers)
+    _info(f"serving: {sink.url} (stream /stream.mjpg, events /events, status /status; {viewers} viewers at most)")
+    return sink
+
+
 # Options shared by run and classify for models without metadata.
 LabelsOpt = Annotated[Path | None, typer.Option(
     "--labels", help="Labels file (one per line, or JSON); overrides the model's own.", rich_help_panel=METADATA_PANEL)]
@@ -132,6 +149,16 @@ def run(
         "--record", help="Write the annotated frames to this video (.mp4 or .avi).")] = None,
     no_display: Annotated[bool, typer.Option(
         "--no-display", help="Never open a window (headless is automatic without a display).")] = False,
+    serve: Annotated[str | None, typer.Option(
+        "--serve", metavar="[HOST:]PORT", rich_help_panel=SERVE_PANEL,
+        help="Serve a live page (annotated stream, top-k, FPS, latency) while running; listens on 127.0.0.1 "
+             "unless HOST is given (0.0.0.0: every interface).")] = None,
+    token: Annotated[str | None, typer.Option(
+        "--token", rich_help_panel=SERVE_PANEL,
+        help="With --serve: require this token on every request (?token=TOKEN, or Authorization: Bearer).")] = None,
+    max_viewers: Annotated[int | None, typer.Option(
+        "--max-viewers", rich_help_panel=SERVE_PANEL,
+        help="With --serve: viewers allowed at once (default 4); more get HTTP 503.")] = None,
     labels: LabelsOpt = None,
     crop_fraction: CropOpt = None,
     color_order: ColorOpt = None,
@@ -154,9 +181,13 @@ def run(
     sinks: list[Sink] = []
     if record is not None:
         sinks.append(VideoRecordSink(record))  # checks the path before anything is opened
-    frame_source = open_source(camera=camera, source=source, width=width, height=height, fps=fps)
-    frame_source.open()  # a missing camera or an unreadable video fails here, before the model loads
-    try:
+    with contextlib.ExitStack() as undo:  # closes what was opened when setting up fails; then the pipeline does
+        server = _serve_sink(serve, token, max_viewers)
+        if server is not None:
+            undo.callback(server.close)
+        frame_source = open_source(camera=camera, source=source, width=width, height=height, fps=fps)
+        frame_source.open()  # a missing camera or an unreadable video fails here, before the model loads
+        undo.callback(frame_source.close)
         classifier = _classifier(model, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
                                  labels=labels, crop_fraction=crop_fraction, color_order=color_order, mean=mean,
                                  std=std, output_kind=output_kind)
@@ -170,13 +201,13 @@ def run(
             sinks.append(JsonLinesSink(sys.stdout))
         if output is not None:
             sinks.append(JsonLinesSink(output))
-        if not json_lines and not window:
+        if server is not None:
+            sinks.append(server)
+        elif not json_lines and not window:
             sinks.append(ConsoleSink())
         pipeline = Pipeline(frame_source, classifier, sinks, top_k=top_k, threshold=threshold,
                             max_frames=max_frames, duration=duration)
-    except BaseException:
-        frame_source.close()
-        raise
+        undo.pop_all()
     size = frame_source.frame_size
     details = [f"{size[0]}x{size[1]}" if size else "", f"{frame_source.fps:g} fps" if frame_source.fps else "",
                "live: newest frame only" if frame_source.live else ""]

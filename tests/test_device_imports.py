@@ -1,4 +1,4 @@
-"""The device side never imports TensorFlow or PyTorch: ``run``, ``classify`` and the Python API.
+"""The device side never imports TensorFlow or PyTorch: ``run`` (with ``--serve`` too), ``classify`` and the Python API.
 
 Each check runs in a fresh interpreter with an import watcher installed first, so it proves that no
 module even *tried* to import them (a caught ImportError would hide an attempt from ``sys.modules``).
@@ -57,10 +57,11 @@ report()
 
 API_CODE = PRELUDE + """
 import io, cv2
-from edgesqz.device import Classifier, JsonLinesSink, Pipeline, open_source
+from edgesqz.device import Classifier, JsonLinesSink, Pipeline, ServeSink, open_source
 clf = Classifier(sys.argv[1])
 top = clf.classify(cv2.imread(sys.argv[2]))
-summary = Pipeline(open_source(source=sys.argv[3]), clf, [JsonLinesSink(io.StringIO())], max_frames=3).run()
+sinks = [JsonLinesSink(io.StringIO()), ServeSink(("127.0.0.1", 0))]
+summary = Pipeline(open_source(source=sys.argv[3]), clf, sinks, max_frames=3).run()
 assert top and summary.frames == 3
 report()
 """
@@ -96,6 +97,12 @@ def test_classify_imports_no_tensorflow_or_torch(inputs: dict[str, Path]) -> Non
 def test_run_imports_no_tensorflow_or_torch(inputs: dict[str, Path]) -> None:
     found = _imports(CLI_CODE, "run", "--model", inputs["model"], "--source", inputs["video"], "--json",
                      "--max-frames", 3, "--record", inputs["video"].parent / "rec.avi")
+    assert found == {"attempted": [], "loaded": []}
+
+
+def test_run_serve_imports_no_tensorflow_or_torch(inputs: dict[str, Path]) -> None:
+    found = _imports(CLI_CODE, "run", "--model", inputs["model"], "--source", inputs["video"], "--max-frames", 3,
+                     "--serve", "127.0.0.1:0", "--token", "t0ken")
     assert found == {"attempted": [], "loaded": []}
 
 

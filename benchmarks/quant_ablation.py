@@ -176,6 +176,10 @@ def main() -> None:
     evaluate("int8 + class map + equalize(act.)", q.class_map_model(eq_act()))
     evaluate("int8 + class map + GPTQ", q.class_map_model(q.round_weights(pm, calib)))
     evaluate("int8 + equalize(act.) + GPTQ (logits)", eq_gptq())
+    evaluate("int8 + class map + eq(act.) + GPTQ, no clipping",
+             q.class_map_model(q.round_weights(eq_act(), calib, clip_ratios=(1.0,))))
+    evaluate("int8 + class map + eq(act.) + GPTQ act order",
+             q.class_map_model(q.round_weights(eq_act(), calib, act_order=True)))
     evaluate("int8 + class map + equalize(act.) + GPTQ", q.class_map_model(eq_gptq()))
     evaluate("int8 + class map + eq(act.) + GPTQ + bias c.", q.bias_correct(q.class_map_model(eq_gptq()), calib))
     for count in (50, 100):

@@ -56,7 +56,7 @@ class ConvertOptions:
     seed: int = 0
     via: str = "keras"  # or "onnx2tf": PyTorch -> ONNX -> onnx2tf, the independent second route
     edgetpu: bool = False  # check Edge TPU compatibility (and compile when edgetpu_compiler exists)
-    ptq: str = "best"  # int8 via keras: "best" (equalise + GPTQ rounding + class-map head) or "plain" (min/max)
+    ptq: str = "best"  # int8, both routes: "best" (equalise + GPTQ rounding + class-map head) or "plain" (min/max)
 
 
 @dataclass
@@ -244,7 +244,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
             warnings.append(f"skipped {len(calibration.skipped)} unreadable calibration images "
                             f"(e.g. {calibration.skipped[0]})")
     representative = representative_dataset(calibration.images) if calibration is not None else None
-    improved = calibration is not None and opts.via == "keras" and opts.ptq == "best"
+    improved = calibration is not None and opts.ptq == "best"
     to_convert = float_model
     if improved:
         from edgesqz.converters.quantize import prepare_int8
@@ -256,7 +256,9 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         advance(1)
     try:
         if opts.via == "onnx2tf":
-            tflite = _via_onnx2tf(model, version, opts, calibration, out_path)
+            # --ptq best hands the prepared weights (pixels in, rounded) to PyTorch -> ONNX -> onnx2tf
+            tflite = _via_onnx2tf(to_convert if improved else model, version, opts, calibration, out_path,
+                                  prepared=improved)
         else:
             with captured_output(log):
                 tflite = to_tflite(to_convert, opts.fmt, representative=representative,  # type: ignore[arg-type]
@@ -332,8 +334,12 @@ def _edgetpu(path: Path, warnings: list[str]) -> dict[str, Any]:
 
 
 def _via_onnx2tf(model: Any, version: str, opts: ConvertOptions, calibration: ImageSet | None,
-                 out_path: Path) -> bytes:
-    """The second route: the same weights through PyTorch -> ONNX -> onnx2tf; its log stays beside the model."""
+                 out_path: Path, *, prepared: bool = False) -> bytes:
+    """The second route: the same weights through PyTorch -> ONNX -> onnx2tf; its log stays beside the model.
+
+    ``prepared``: ``model`` is :func:`~edgesqz.converters.quantize.prepare_int8`'s output (pixel input,
+    class-map head), exported as it is.
+    """
     from edgesqz.converters.onnx_route import convert_via_onnx2tf
     from edgesqz.converters.torch_import import keras_to_state_dict
 
@@ -341,7 +347,8 @@ def _via_onnx2tf(model: Any, version: str, opts: ConvertOptions, calibration: Im
     with tempfile.TemporaryDirectory(prefix="edgesqz-onnx2tf-") as workdir:
         return convert_via_onnx2tf(keras_to_state_dict(model), version=version, size=opts.input_size, fmt=opts.fmt,
                                    calib_images=calibration.images if calibration is not None else None,
-                                   io=opts.io, workdir=Path(workdir), log_path=log_path)
+                                   io=opts.io, workdir=Path(workdir), log_path=log_path,
+                                   fold=not prepared, class_map=prepared)
 
 
 def _check(float_model: Any, tflite: bytes, folder: str, lf: LabelledFiles, labels: Labels, pre: Preprocessing,

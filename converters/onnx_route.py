@@ -3,8 +3,9 @@
 Independent of the Keras route (own network definition, own exporter, onnx2tf's own
 TensorFlow graph), and producing the same model contract (``docs/model-format.md``): NHWC
 [1, S, S, 3] RGB pixels 0..255 in, ImageNet normalisation folded into the first convolution,
-logits [1, C] out, static batch 1, one subgraph; ``int8`` is full integer with int8 (or uint8)
-I/O, input scale 1 / zero point -128 (``pixel - 128``) or 0 for uint8.
+logits [1, C] out (for ``--ptq best`` int8: the class map [1, N, N, C]), static batch 1, one
+subgraph; ``int8`` is full integer with int8 (or uint8) I/O, input scale 1 / zero point -128
+(``pixel - 128``) or 0 for uint8.
 
 onnx2tf runs in its own process (``import onnx2tf`` switches ``tf.keras`` to Keras 2 for the
 whole process) with the working directory ``workdir``, where a dummy
@@ -182,8 +183,11 @@ def onnx_to_tflite(onnx_path: Path, *, fmt: str, calib: np.ndarray | None, io: s
 
 
 def check_contract(model: bytes, *, fmt: str, size: int, classes: int, io: str = "int8",
-                   log_path: Path | None = None) -> dict[str, Any]:
-    """Raise :class:`EdgesqzError` unless ``model`` meets edgesqz's model contract; return its graph summary."""
+                   log_path: Path | None = None, class_map: int | None = None) -> dict[str, Any]:
+    """Raise :class:`EdgesqzError` unless ``model`` meets edgesqz's model contract; return its graph summary.
+
+    The output is logits [1, classes], or with ``class_map=N`` the class map [1, N, N, classes].
+    """
     from edgesqz.device.runtime import make_interpreter
     from edgesqz.modelinfo import graph_summary
     from edgesqz.quiet import captured_output
@@ -204,7 +208,8 @@ def check_contract(model: bytes, *, fmt: str, size: int, classes: int, io: str =
         problems.append(f"{len(inputs)} inputs and {len(outputs)} outputs (expected 1 and 1)")
     else:
         inp, out = inputs[0], outputs[0]
-        for what, detail, shape in (("input", inp, [1, size, size, 3]), ("output", out, [1, classes])):
+        out_shape = [1, classes] if class_map is None else [1, class_map, class_map, classes]
+        for what, detail, shape in (("input", inp, [1, size, size, 3]), ("output", out, out_shape)):
             got = [int(d) for d in detail["shape"]]
             signature = [int(d) for d in detail.get("shape_signature", detail["shape"])]
             if got != shape or signature != shape:
@@ -245,6 +250,8 @@ def _check_float32(model: bytes, torch_model: Any, probes: np.ndarray, log_path:
 
     with torch.no_grad():
         ref = torch_model(torch.from_numpy(probes.transpose(0, 3, 1, 2).astype(np.float32))).numpy()
+    if ref.ndim == 4:  # class map [N, C, H, W]: compare its mean, the logits (tflite_outputs pools likewise)
+        ref = ref.mean(axis=(2, 3))
     with captured_output([]):
         got = tflite_outputs(model, probes, threads=1)
     relative = float(np.abs(got - ref).max()) / max(float(np.ptp(ref)), 1e-12)
@@ -256,11 +263,15 @@ def _check_float32(model: bytes, torch_model: Any, probes: np.ndarray, log_path:
 
 def convert_via_onnx2tf(state: Mapping[str, np.ndarray], *, version: str, size: int, fmt: str,
                         calib_images: np.ndarray | None, io: str = "int8",
-                        workdir: Path, log_path: Path, timeout: float = TIMEOUT_S) -> bytes:
+                        workdir: Path, log_path: Path, timeout: float = TIMEOUT_S,
+                        fold: bool = True, class_map: bool = False) -> bytes:
     """fmt in {"float32","float16","dynamic","int8"}; returns the .tflite bytes (no metadata; the lead embeds it).
 
     ``state`` is a torchvision SqueezeNet state_dict as numpy arrays (``torch_import.load_state_dict``),
     ``calib_images`` uint8 RGB (N, size, size, 3) preprocessed like inference (needed for int8 only).
+    ``fold=False`` when ``state`` already takes pixels (the normalisation folded in, as in the weights
+    :func:`edgesqz.converters.quantize.prepare_int8` returns); ``class_map=True`` exports the class
+    map [1, N, N, C] instead of the logits.
     Intermediate files (``model.onnx``, ``calib.npy``, onnx2tf's output folder) stay in ``workdir``.
     """
     if fmt not in FORMATS:
@@ -281,11 +292,11 @@ def convert_via_onnx2tf(state: Mapping[str, np.ndarray], *, version: str, size: 
     if found is not None and found != version:
         raise EdgesqzError(f"these weights are for SqueezeNet {found.replace('_', '.')}, not "
                            f"{version.replace('_', '.')}: pass --version {found}")
-    model = pixel_squeezenet(state, version=version)
+    model = pixel_squeezenet(state, version=version, fold=fold, class_map=class_map)
     classes = int(state["classifier.1.weight"].shape[0])
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, size, size))
+            probe = model(torch.zeros(1, 3, size, size))
     except RuntimeError as exc:
         raise EdgesqzError(f"input size {size} is too small for SqueezeNet {version.replace('_', '.')}") from exc
 
@@ -307,5 +318,6 @@ def convert_via_onnx2tf(state: Mapping[str, np.ndarray], *, version: str, size: 
     models = onnx_to_tflite(onnx_path, fmt=fmt, calib=calib, io=io, workdir=workdir, log_path=log_path,
                             timeout=timeout)
     _check_float32(models["float32"], model, _probe_images(calib_images, size), log_path)
-    check_contract(models[fmt], fmt=fmt, size=size, classes=classes, io=io, log_path=log_path)
+    check_contract(models[fmt], fmt=fmt, size=size, classes=classes, io=io, log_path=log_path,
+                   class_map=int(probe.shape[-1]) if class_map else None)
     return models[fmt]

@@ -109,32 +109,46 @@ class PixelSqueezeNet(nn.Module):
     """A copy of a SqueezeNet that takes NCHW float RGB pixels 0..255 and returns logits [N, C].
 
     The normalisation ``(x / 255 - mean) / std`` is folded into ``features.0`` in float64:
-    ``w' = w / (255 std_c)``, ``b' = b - sum(w * mean_c / std_c)``. The source model is untouched.
+    ``w' = w / (255 std_c)``, ``b' = b - sum(w * mean_c / std_c)``; ``fold=False`` when the
+    weights already take pixels (a Keras pixel model's weights). ``class_map=True`` drops the final
+    average pool: the output is the ReLU'd class map [N, C, H, W] whose spatial mean is the logits
+    (the int8 head of :mod:`edgesqz.converters.quantize`). The source model is untouched.
     """
 
     def __init__(self, model: SqueezeNet, *, mean: tuple[float, ...] = IMAGENET_MEAN,
-                 std: tuple[float, ...] = IMAGENET_STD) -> None:
+                 std: tuple[float, ...] = IMAGENET_STD, fold: bool = True, class_map: bool = False) -> None:
         super().__init__()
         net = copy.deepcopy(model).eval()
         first = net.features[0]
         assert isinstance(first, nn.Conv2d) and first.bias is not None
-        mean_a = np.asarray(mean, np.float64)
-        std_a = np.asarray(std, np.float64)
-        w = first.weight.detach().double().numpy()  # OIHW
-        b = first.bias.detach().double().numpy()
-        new_w = w / (255.0 * std_a)[None, :, None, None]
-        new_b = b - np.einsum("oihw,i->o", w, mean_a / std_a)
-        with torch.no_grad():
-            first.weight.copy_(torch.from_numpy(new_w.astype(np.float32)))
-            first.bias.copy_(torch.from_numpy(new_b.astype(np.float32)))
+        if fold:
+            mean_a = np.asarray(mean, np.float64)
+            std_a = np.asarray(std, np.float64)
+            w = first.weight.detach().double().numpy()  # OIHW
+            b = first.bias.detach().double().numpy()
+            new_w = w / (255.0 * std_a)[None, :, None, None]
+            new_b = b - np.einsum("oihw,i->o", w, mean_a / std_a)
+            with torch.no_grad():
+                first.weight.copy_(torch.from_numpy(new_w.astype(np.float32)))
+                first.bias.copy_(torch.from_numpy(new_b.astype(np.float32)))
+        if class_map:
+            net.classifier = net.classifier[:3]  # dropout, conv, ReLU: no average pool
         self.net = net
+        self.class_map = class_map
         for p in self.parameters():
             p.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.class_map:
+            return self.net.classifier(self.net.features(x))
         return self.net(x)
 
 
-def pixel_squeezenet(state: Mapping[str, np.ndarray], *, version: str) -> PixelSqueezeNet:
-    """Weights -> the pixel-input, inference-only model the onnx2tf route exports."""
-    return PixelSqueezeNet(from_state_dict(state, version=version)).eval()
+def pixel_squeezenet(state: Mapping[str, np.ndarray], *, version: str, fold: bool = True,
+                     class_map: bool = False) -> PixelSqueezeNet:
+    """Weights -> the pixel-input, inference-only model the onnx2tf route exports.
+
+    ``fold=False``: ``state`` already takes pixels (normalisation folded); ``class_map=True``: the
+    output is the class map, not the logits (see :class:`PixelSqueezeNet`).
+    """
+    return PixelSqueezeNet(from_state_dict(state, version=version), fold=fold, class_map=class_map).eval()

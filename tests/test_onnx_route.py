@@ -233,3 +233,40 @@ def test_missing_onnx2tf_is_one_line_with_the_log_kept(tmp_path: Path, monkeypat
     message = str(info.value)
     assert "\n" not in message and 'pip install "edgesqz[convert]"' in message and str(log) in message
     assert "no-such-onnx2tf" in log.read_text()
+
+
+# --- the CLI: `convert --via onnx2tf` with the improved int8 (--ptq best, the default) ------------------
+
+
+def test_cli_best_int8_via_onnx2tf_matches_the_keras_route(tmp_path: Path, real_weights: Path, imagenet_sample: Path,
+                                                           imagenet_labels: Path, int8_model: Path,
+                                                           held_out: np.ndarray) -> None:
+    """The same prepared weights (equalised, GPTQ-rounded, class-map head) through PyTorch -> ONNX -> onnx2tf.
+
+    ``int8_model`` is the Keras route's model with the same calibration images (conftest: 48, seed 0).
+    """
+    import json
+    import subprocess
+    import sys
+
+    from conftest import CALIB_FOR_TESTS
+
+    from edgesqz.tflite_metadata import read_metadata
+
+    out = tmp_path / "onnx-int8.tflite"
+    result = subprocess.run(
+        [sys.executable, "-m", "edgesqz", "convert", "--int8", "--via", "onnx2tf", "--weights", str(real_weights),
+         "--calib", str(imagenet_sample), "--calib-count", str(CALIB_FOR_TESTS), "--labels", str(imagenet_labels),
+         "-o", str(out), "--json"], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["route"] == "onnx2tf" and report["format"] == "int8"
+    model = out.read_bytes()
+    assert set(graph_summary(model)["tensor_types"]) <= {"INT8", "INT32"}
+    inp, out_detail = _details(model)
+    assert inp["dtype"] == np.int8 and inp["quantization"] == (1.0, -128)
+    assert list(out_detail["shape_signature"]) == [1, 13, 13, 1000] and out_detail["dtype"] == np.int8
+    assert read_metadata(out).info["output"]["kind"] == "class_map"
+    onnx_top = tflite_outputs(model, held_out).argmax(1)
+    keras_top = tflite_outputs(int8_model.read_bytes(), held_out).argmax(1)
+    assert (onnx_top == keras_top).mean() >= 0.97

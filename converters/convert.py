@@ -392,8 +392,8 @@ def _model_info(opts: ConvertOptions, version: str, pre: Preprocessing, labels: 
         "labels": {"count": len(labels), "ids": list(labels.ids) if labels.ids else None},
         "source_weights": resolved.meta(),
         "quantization": {"normalization": opts.normalization, "route": opts.via,
-                         "ptq": ("activation equalisation + GPTQ weight rounding + class-map head" if improved
-                                 else "min/max" if calibration is not None else None)},
+                         "ptq": ("activation equalisation + GPTQ weight rounding (clipped grids) + class-map head"
+                                 if improved else "min/max" if calibration is not None else None)},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "edgesqz_version": __version__,
     }

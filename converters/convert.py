@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edgesqz.converters import FORMATS
 from edgesqz.datasets import ImageSet, LabelledFiles, calibration_files, calibration_set, labelled_files, load_images
 from edgesqz.errors import AccuracyGateError, EdgesqzError
 from edgesqz.imaging import Preprocessing, is_video
@@ -168,8 +169,6 @@ def _keras_labels(resolved: ResolvedWeights) -> Labels | None:
 
 def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> ConvertResult:
     """Run the whole conversion; see the module docstring for the guarantees."""
-    from edgesqz.converters.export import FORMATS
-
     if opts.fmt not in FORMATS:
         raise EdgesqzError(f"unknown format {opts.fmt!r}; use one of {', '.join(FORMATS)}")
     if opts.io not in ("int8", "uint8"):

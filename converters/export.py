@@ -24,11 +24,11 @@ from typing import Literal
 import keras
 import numpy as np
 
+from edgesqz.converters import FORMATS
 from edgesqz.errors import EdgesqzError
 from edgesqz.imaging import IMAGENET_MEAN, IMAGENET_STD
 
 Format = Literal["float32", "float16", "dynamic", "int8"]
-FORMATS: tuple[str, ...] = ("int8", "float16", "dynamic", "float32")
 Normalization = Literal["fold", "layer"]
 
 

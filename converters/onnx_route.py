@@ -44,9 +44,9 @@ from typing import Any
 
 import numpy as np
 
+from edgesqz.converters import FORMATS
 from edgesqz.errors import EdgesqzError
 
-FORMATS: tuple[str, ...] = ("int8", "float16", "dynamic", "float32")
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 OPSET = 17  # the legacy TorchScript exporter's newest opset; onnx2tf 1.28 handles every op SqueezeNet uses

@@ -127,6 +127,18 @@ def test_corrupt_and_missing_files(tmp_path: Path) -> None:
         resolve(tmp_path / "nope.pth", "1_1")
 
 
+def test_any_corrupt_file_is_an_edgesqz_error(tmp_path: Path) -> None:
+    """Random bytes make torch's weights-only unpickler raise IndexError, KeyError, ... (seen: 5 in 100)."""
+    import random
+
+    rng = random.Random(0)
+    bad = tmp_path / "random.pth"
+    for _ in range(200):
+        bad.write_bytes(rng.randbytes(rng.choice([16, 512, 4096])))
+        with pytest.raises(EdgesqzError, match="cannot read weights"):
+            load_state_dict(bad)
+
+
 def _state(version: str = "1_1", classes: int = 1000) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in TorchSqueezeNet(version, classes).state_dict().items()}
 

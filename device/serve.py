@@ -47,6 +47,7 @@ import cv2
 import numpy as np
 
 from edgesqz.device import serve_page
+from edgesqz.device.results import LatencyStats
 from edgesqz.device.sinks import Sink, annotate
 from edgesqz.errors import EdgesqzError
 from edgesqz.schema import dumps, record
@@ -309,18 +310,11 @@ class _RecentLatency:
     def to_dict(self) -> dict[str, dict[str, float | None]]:
         with self._lock:
             values = list(self._values)
-        return {"inference": _stats([v[0] for v in values]), "end_to_end": _stats([v[1] for v in values])}
-
-
-def _stats(values: list[float]) -> dict[str, float | None]:
-    if not values:
-        return {"mean": None, "p50": None, "p90": None}
-    ordered = sorted(values)
-
-    def pick(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
-
-    return {"mean": round(sum(values) / len(values), 3), "p50": pick(0.5), "p90": pick(0.9)}
+        stats = {"inference": LatencyStats(), "end_to_end": LatencyStats()}
+        for inference, end_to_end in values:
+            stats["inference"].add(inference)
+            stats["end_to_end"].add(end_to_end)
+        return {name: s.to_dict() for name, s in stats.items()}
 
 
 # --------------------------------------------------------------------------- HTTP

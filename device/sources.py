@@ -477,12 +477,7 @@ class FrameSource:
                 self._latest = frame
                 self._cond.notify_all()
             return
-        while not self._stop.is_set():
-            try:
-                self._queue.put(frame, timeout=0.1)
-                return
-            except queue.Full:
-                continue
+        self._put(frame)
 
     def _finish(self) -> None:
         if self.live:
@@ -490,9 +485,13 @@ class FrameSource:
                 self._ended = True
                 self._cond.notify_all()
             return
+        self._put(_END)
+
+    def _put(self, item: object) -> None:
+        """Queue ``item`` for the consumer (files: nothing is dropped), giving up only when stopped."""
         while not self._stop.is_set():
             try:
-                self._queue.put(_END, timeout=0.1)
+                self._queue.put(item, timeout=0.1)
                 return
             except queue.Full:
                 continue

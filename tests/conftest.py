@@ -19,6 +19,21 @@ def _need(path: Path) -> Path:
     return path
 
 
+def video_frames(path: Path) -> list:
+    """Every frame of a video file, decoded with OpenCV (BGR arrays)."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, image = cap.read()
+        if not ok:
+            break
+        frames.append(image)
+    cap.release()
+    return frames
+
+
 @pytest.fixture(scope="session")
 def shared() -> Path:
     return _need(SHARED)

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import video_frames
 
 from edgesqz.device.classifier import Classifier
 from edgesqz.device.pipeline import Pipeline
@@ -81,13 +82,7 @@ def test_pipeline_classifies_every_frame_of_a_video(classifier: Classifier, pan_
 
 
 def test_reader_thread_prepares_exactly_what_the_classifier_would(classifier: Classifier, pan_video: Path) -> None:
-    cap = cv2.VideoCapture(str(pan_video))
-    direct = []
-    while True:
-        ok, img = cap.read()
-        if not ok:
-            break
-        direct.append(classifier.scores(img).scores)
+    direct = [classifier.scores(img).scores for img in video_frames(pan_video)]
     sink = Collect()
     Pipeline(open_source(source=str(pan_video)), classifier, [sink], handle_signals=False).run()
     assert len(direct) == len(sink.results)
@@ -149,12 +144,7 @@ def test_record_sink_writes_annotated_video(classifier: Classifier, pan_video: P
     Pipeline(open_source(source=str(pan_video)), classifier, [sink], max_frames=12, handle_signals=False).run()
     cap = cv2.VideoCapture(str(out))
     assert cap.isOpened() and cap.get(cv2.CAP_PROP_FPS) == pytest.approx(30)
-    frames = []
-    while True:
-        ok, img = cap.read()
-        if not ok:
-            break
-        frames.append(img)
+    frames = video_frames(out)
     assert len(frames) == 12 and frames[0].shape == (480, 640, 3)
     with pytest.raises(EdgesqzError, match=r"use a \.mp4"):
         VideoRecordSink(tmp_path / "x.gif")

@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import video_frames
 
 CLI_BOOT = ("import typer; from edgesqz.device.cli import register; "
             "app = typer.Typer(pretty_exceptions_enable=False); register(app); app()")
@@ -193,13 +194,7 @@ def test_run_record_is_readable(int8_model: Path, videos: dict[str, Path], tmp_p
     p = edgesqz("run", "--model", int8_model, "--source", videos["coffee"], "--max-frames", 15, "--record", out,
                 "--no-display")
     assert p.returncode == 0, p.stderr
-    cap = cv2.VideoCapture(str(out))
-    frames = []
-    while True:
-        ok, img = cap.read()
-        if not ok:
-            break
-        frames.append(img)
+    frames = video_frames(out)
     assert len(frames) == 15 and frames[0].shape == (480, 640, 3)
     original = cv2.VideoCapture(str(videos["coffee"])).read()[1]
     assert np.abs(frames[0][:30, :150].astype(int) - original[:30, :150]).mean() > 20  # the overlay is drawn

@@ -178,13 +178,23 @@ def activation_ranges(model: keras.Model, images: np.ndarray, pairs: Sequence[Sc
     maxima = [np.zeros(t.shape[-1], np.float64) for t in outputs]
     for start in range(0, len(images), 16):
         batch = images[start : start + 16].astype(np.float32)
-        for j, y in enumerate(probe.predict_on_batch(batch) if len(outputs) > 1 else [probe.predict_on_batch(batch)]):
+        for j, y in enumerate(_run(probe, batch)):
             maxima[j] = np.maximum(maxima[j], np.asarray(y).max(axis=(0, 1, 2)))
     result, k = [], 0
     for pair in pairs:
         result.append(np.concatenate(maxima[k : k + len(pair.producers)]))
         k += len(pair.producers)
     return result
+
+
+def _run(probe: keras.Model, batch: np.ndarray) -> list[np.ndarray]:
+    """Every output of ``probe`` on ``batch``, as numpy arrays.
+
+    Called eagerly: ``predict_on_batch`` would trace a new tf.function for each of the many short-lived
+    probe models, and TensorFlow then prints retracing warnings at the user.
+    """
+    out = probe([batch], training=False)
+    return [np.asarray(y) for y in (out if isinstance(out, list | tuple) else [out])]
 
 
 def _relu_after(conv: str) -> str:
@@ -385,9 +395,7 @@ def _input_gram(model: keras.Model, names: Sequence[str], calib_images: np.ndarr
     sums: dict[str, np.ndarray] = {}
     counts = dict.fromkeys(names, 0)
     for start in range(0, len(calib_images), 8):
-        inputs = probe.predict_on_batch(calib_images[start : start + 8].astype(np.float32))
-        if len(names) == 1:
-            inputs = [inputs]
+        inputs = _run(probe, calib_images[start : start + 8].astype(np.float32))
         for name, x in zip(names, inputs, strict=True):
             layer = model.get_layer(name)
             kh, kw = layer.kernel_size

@@ -86,19 +86,22 @@ def test_check_reports_accuracy_on_held_out_images(tmp_path: Path, real_weights:
                                                    imagenet_labels: Path) -> None:
     out = tmp_path / "m.tflite"
     result = edgesqz("convert", "--weights", str(real_weights), "--int8", "--calib", str(imagenet_sample),
-                     "--calib-count", "40", "--labels", str(imagenet_labels), "--check", str(imagenet_sample),
+                     "--calib-count", "30", "--labels", str(imagenet_labels), "--check", str(imagenet_sample),
                      "-o", str(out), "--json")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["schema"] == "edgesqz/1" and report["kind"] == "convert_report"
     acc = report["accuracy"]
-    assert acc["images"] == 960 and acc["excluded_calibration_images"] == 40
+    assert acc["images"] == 970 and acc["excluded_calibration_images"] == 30
     assert acc["labelled_by"] == "wnid"
     # the real SqueezeNet 1.1 scores about 65 % top-1 on these photos; int8 must stay close to float
     assert 55 < acc["reference"]["top1"] < 75
     assert abs(acc["top1_drop"]) < 5 and acc["top1_agreement"] > 85
     assert json.loads(out.with_suffix(".report.json").read_text()) == report
-    assert read_metadata(out).info["accuracy"]["images"] == 960
+    assert read_metadata(out).info["accuracy"]["images"] == 970
+    # no TensorFlow chatter on the terminal (with 30 images, batches of 16 + 14 and 8 + 6, the quantiser's probe
+    # models once made TensorFlow print tf.function retracing warnings)
+    assert "WARNING:tensorflow" not in result.stderr and "retracing" not in result.stderr, result.stderr
 
 
 def test_gate_rejects_a_badly_calibrated_model(tmp_path: Path, real_weights: Path, imagenet_sample: Path,

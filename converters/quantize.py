@@ -183,7 +183,7 @@ def activation_ranges(model: keras.Model, images: np.ndarray, pairs: Sequence[Sc
     for start in range(0, len(images), 16):
         batch = images[start : start + 16].astype(np.float32)
         for j, y in enumerate(_run(probe, batch)):
-            maxima[j] = np.maximum(maxima[j], np.asarray(y).max(axis=(0, 1, 2)))
+            maxima[j] = np.maximum(maxima[j], y.max(axis=(0, 1, 2)))
     result, k = [], 0
     for pair in pairs:
         result.append(np.concatenate(maxima[k : k + len(pair.producers)]))

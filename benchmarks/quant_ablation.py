@@ -12,9 +12,10 @@ interpreter on the evaluation images and compared with the float Keras model:
 
 Usage (from the repository root)::
 
-    python benchmarks/quant_ablation.py [--shared ../shared] [--calib-count 200] [--seed 0]
+    python benchmarks/quant_ablation.py [--shared ../shared] [--calib-count 200] [--seed 0] [--only-best]
 
-Takes ~15 minutes on 2 cores (the GPTQ rows take ~2 minutes each).
+Takes ~15 minutes on 2 cores (the GPTQ rows take ~2 minutes each); ``--only-best`` (float32 and
+``--ptq best`` only) about 2 minutes, for measuring many splits.
 """
 
 from __future__ import annotations
@@ -121,6 +122,8 @@ def main() -> None:
     parser.add_argument("--shared", type=Path, default=Path("../shared"), help="shared data folder")
     parser.add_argument("--calib-count", type=int, default=200, help="calibration images (the rest evaluate)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample")
+    parser.add_argument("--only-best", action="store_true",
+                        help="only the float32 and the --ptq best rows (quick; for measuring more splits)")
     parser.add_argument("--weights", type=Path, default=None,
                         help=f"torchvision state_dict (default <shared>/{WEIGHTS})")
     args = parser.parse_args()
@@ -161,6 +164,11 @@ def main() -> None:
     def eq_gptq() -> keras.Model:
         return q.round_weights(eq_act(), calib)
 
+    if args.only_best:
+        print(HEADER, flush=True)
+        evaluate("float32", pm, "float32")
+        evaluate("int8, --ptq best", q.prepare_int8(pm, calib))
+        return
     for name, model in (("equalize(weights)", eq_w()), ("equalize(activations, alpha=1)", eq_act())):
         print(f"check: {name} changes the float logits by at most "
               f"{q.max_abs_difference(pm, model, split.images[:64]):.1e}", flush=True)

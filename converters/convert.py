@@ -296,9 +296,11 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     report_path = out_path.with_suffix(".report.json")
     if accuracy_block and opts.max_drop is not None and accuracy_block["top1_drop"] > opts.max_drop:
         rejected = out_path.with_suffix(".rejected.report.json")
+        lo, hi = accuracy_block["top1_drop_ci95"]
         atomic_write(rejected, (json.dumps(rep, indent=2) + "\n").encode())
         raise AccuracyGateError(
-            f"{opts.fmt} loses {accuracy_block['top1_drop']:.2f} top-1 points (> --max-drop {opts.max_drop}); "
+            f"{opts.fmt} loses {accuracy_block['top1_drop']:.2f} top-1 points (95 % interval "
+            f"{lo:+.2f} to {hi:+.2f}; > --max-drop {opts.max_drop}); "
             f"model not written, report in {rejected}"
         )
     atomic_write(out_path, final)

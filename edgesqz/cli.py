@@ -124,6 +124,8 @@ def convert(
         err.print(f"checked on {acc['images']} images ({acc['excluded_calibration_images']} calibration images left "
                   f"out); {len(acc['classes_changed'])} classes changed; {acc['tied_top_outputs']:.1f} % tied top "
                   "outputs")
+        err.print(f"95 % intervals from {acc['images']} images: agreement {_span(acc['top1_agreement_ci95'], ' %')}, "
+                  f"top-1 drop {_span(acc['top1_drop_ci95'], ' points', signed=True)}")
     if rep.get("edgetpu"):
         compiled = rep["edgetpu"]["compiled"]
         err.print("Edge TPU: compatible" + (f"; compiled to {compiled['model']}" if compiled else ""))
@@ -164,7 +166,9 @@ def info(
             a = meta["accuracy"]
             out.print(f"  accuracy on {a['images']} images: float top-1 {a['reference']['top1']:.2f}, "
                       f"model top-1 {a['model']['top1']:.2f} / top-5 {a['model']['top5']:.2f}, "
-                      f"agreement {a['top1_agreement']:.2f} %")
+                      f"agreement {a['top1_agreement']:.2f} %"
+                      + (f" (95 % interval {_span(a['top1_agreement_ci95'], ' %')})" if "top1_agreement_ci95" in a
+                         else ""))
     else:
         out.print("  no edgesqz metadata")
     if d["labels"]:
@@ -282,8 +286,17 @@ def compare(
                       f"{m['top5']:.2f}", f"{m['latency']['p50_ms']:.2f}", f"{m['latency']['p90_ms']:.2f}")
     out.print(table)
     d = rep["output_difference"]
-    out.print(f"top-1 agreement {rep['top1_agreement']:.2f} %; output difference max {d['max_abs']:.4g} "
-              f"(mean {d['mean_abs']:.4g}); {len(rep['classes_changed'])} classes changed")
+    out.print(f"top-1 agreement {rep['top1_agreement']:.2f} % "
+              f"(95 % interval {_span(rep['top1_agreement_ci95'], ' %')}); "
+              f"top-1 A - B {rep['top1_difference']:+.2f} points "
+              f"({_span(rep['top1_difference_ci95'], ' points', signed=True)}); output difference max "
+              f"{d['max_abs']:.4g} (mean {d['mean_abs']:.4g}); {len(rep['classes_changed'])} classes changed")
+
+
+def _span(interval: list[float], unit: str, *, signed: bool = False) -> str:
+    """``[lo, hi]`` as ``lo to hi unit`` (signed numbers for differences)."""
+    fmt = "+.2f" if signed else ".2f"
+    return f"{interval[0]:{fmt}} to {interval[1]:{fmt}}{unit}"
 
 
 @app.command()

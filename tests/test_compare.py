@@ -32,6 +32,11 @@ def test_compare_float_and_int8(float_model: Path, int8_model: Path, folder: Pat
     assert rep["a"]["format"] == "float32" and rep["b"]["format"] == "int8"
     assert rep["a"]["size_bytes"] > 3 * rep["b"]["size_bytes"]
     assert 70 <= rep["top1_agreement"] <= 100
+    lo, hi = rep["top1_agreement_ci95"]
+    assert lo < rep["top1_agreement"] <= hi <= 100 and hi - lo > 1  # 25 images cannot pin it down
+    lo, hi = rep["top1_difference_ci95"]
+    assert lo < rep["top1_difference"] < hi
+    assert "95 % interval" in _compare(str(float_model), str(int8_model), "--data", str(folder)).stdout
     assert rep["output_difference"]["max_abs"] > 0
     for key in ("a", "b"):
         assert 0 <= rep[key]["top1"] <= rep[key]["top5"] <= 100

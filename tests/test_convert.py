@@ -97,6 +97,10 @@ def test_check_reports_accuracy_on_held_out_images(tmp_path: Path, real_weights:
     # the real SqueezeNet 1.1 scores about 65 % top-1 on these photos; int8 must stay close to float
     assert 55 < acc["reference"]["top1"] < 75
     assert abs(acc["top1_drop"]) < 5 and acc["top1_agreement"] > 85
+    lo, hi = acc["top1_agreement_ci95"]
+    assert lo < acc["top1_agreement"] <= hi and hi - lo < 5  # 970 images resolve agreement to a few points
+    lo, hi = acc["top1_drop_ci95"]
+    assert lo < acc["top1_drop"] < hi and hi - lo < 3
     assert json.loads(out.with_suffix(".report.json").read_text()) == report
     assert read_metadata(out).info["accuracy"]["images"] == 970
     # no TensorFlow chatter on the terminal (with 30 images, batches of 16 + 14 and 8 + 6, the quantiser's probe
@@ -120,7 +124,7 @@ def test_gate_rejects_a_badly_calibrated_model(tmp_path: Path, real_weights: Pat
     result = edgesqz("convert", "--weights", str(real_weights), "--int8", "--calib", str(video), "--labels",
                      str(imagenet_labels), "--check", str(check), "--max-drop", "5", "-o", str(out))
     assert result.returncode == 3
-    assert_one_line_error(result, "top-1 points", "model not written")
+    assert_one_line_error(result, "top-1 points", "95 % interval", "model not written")
     assert not out.exists()
     rejected = json.loads(out.with_suffix(".rejected.report.json").read_text())
     assert rejected["calibration"]["kind"] == "video" and rejected["accuracy"]["top1_drop"] > 5

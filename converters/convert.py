@@ -21,6 +21,7 @@ import numpy as np
 from edgesqz.converters import FORMATS
 from edgesqz.datasets import ImageSet, LabelledFiles, calibration_files, calibration_set, labelled_files, load_images
 from edgesqz.errors import AccuracyGateError, EdgesqzError
+from edgesqz.fileio import atomic_write, check_output
 from edgesqz.imaging import Preprocessing, is_video
 from edgesqz.labels import Labels, load_labels
 from edgesqz.paths import default_model_path
@@ -76,34 +77,7 @@ def output_path(opts: ConvertOptions, version: str) -> Path:
 
 
 def _check_writable(path: Path, force: bool) -> None:
-    if path.suffix != ".tflite":
-        raise EdgesqzError(f"output {path} must end in .tflite")
-    if path.exists() and not force:
-        raise EdgesqzError(f"{path} already exists; pass --force to replace it or choose another -o")
-    if path.is_dir():
-        raise EdgesqzError(f"output {path} is a folder; give a file name ending in .tflite")
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise EdgesqzError(f"cannot create folder {parent}: {exc.strerror}") from exc
-    if not os.access(parent, os.W_OK):
-        raise EdgesqzError(f"cannot write to {parent}: permission denied; choose another -o")
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    check_output(path, force=force, suffixes=(".tflite",))
 
 
 def _point_latest(path: Path) -> None:
@@ -303,7 +277,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
             f"{lo:+.2f} to {hi:+.2f}; > --max-drop {opts.max_drop}); "
             f"model not written, report in {rejected}"
         )
-    atomic_write(out_path, final)
+    atomic_write(out_path, final, force=opts.force)
     if opts.edgetpu:
         rep["edgetpu"] = _edgetpu(out_path, warnings)
     atomic_write(report_path, (json.dumps(rep, indent=2) + "\n").encode())

@@ -10,6 +10,12 @@ The rules are Coral's published requirements for the Edge TPU compiler:
 - parameters should fit the ~8 MB on-chip memory (larger models still run, with parameters
   streamed from the host, which is slow).
 
+The compiler maps ops up to the first one it cannot run and leaves that op and everything after it
+to the CPU. A model whose int8 graph is followed by a small float tail (DEQUANTIZE of the int8
+output, then MEAN / AVERAGE_POOL_2D / RESHAPE / SQUEEZE / SOFTMAX / QUANTIZE: the standard
+classifier head of :mod:`edgesqz.converters.standard_head`) therefore still maps its whole int8 part
+onto the Edge TPU: :func:`check_model` counts it as compatible and reports the tail in ``cpu_ops``.
+
 ``edgetpu_compiler`` exists for x86_64 Linux only; :func:`compile_model` runs it and turns its
 log into rows of (op, count, status).
 """
@@ -40,6 +46,8 @@ SUPPORTED_OPS = frozenset({
     "SQUEEZE", "STRIDED_SLICE", "SUB", "SUM", "TANH", "TRANSPOSE", "TRANSPOSE_CONV",
 })
 SOFTMAX_MAX_ELEMENTS = 16000
+# Cheap ops that may follow the int8 graph on the CPU (after a DEQUANTIZE of its output).
+CPU_TAIL_OPS = frozenset({"DEQUANTIZE", "MEAN", "AVERAGE_POOL_2D", "RESHAPE", "SQUEEZE", "SOFTMAX", "QUANTIZE"})
 
 INSTALL_COMPILER = (
     "edgetpu_compiler is not installed: install Coral's edgetpu-compiler package from Coral's apt repository on an "
@@ -53,6 +61,7 @@ class Check:
     reasons: list[str] = field(default_factory=list)
     ops: dict[str, int] = field(default_factory=dict)
     parameter_bytes: int = 0
+    cpu_ops: dict[str, int] = field(default_factory=dict)  # the float tail after the int8 graph, left to the CPU
 
     @property
     def compatible(self) -> bool:
@@ -60,7 +69,15 @@ class Check:
 
     def to_dict(self) -> dict[str, Any]:
         return {"model": self.model, "compatible": self.compatible, "reasons": self.reasons, "ops": self.ops,
-                "parameter_bytes": self.parameter_bytes, "on_chip_bytes": ON_CHIP_BYTES}
+                "cpu_ops": self.cpu_ops, "parameter_bytes": self.parameter_bytes, "on_chip_bytes": ON_CHIP_BYTES}
+
+    def summary(self) -> str:
+        """One line: how much maps, and what stays on the CPU."""
+        on_tpu = sum(self.ops.values()) - sum(self.cpu_ops.values())
+        line = f"{on_tpu} ops on the Edge TPU, {self.parameter_bytes / 1e6:.2f} MB of parameters"
+        if self.cpu_ops:
+            line += "; after it on the CPU: " + ", ".join(f"{k} x{v}" for k, v in self.cpu_ops.items())
+        return line
 
 
 def check_model(path: str | os.PathLike[str]) -> Check:
@@ -90,15 +107,27 @@ def check_model(path: str | os.PathLike[str]) -> Check:
                 param_tensors.add(i)
     result.parameter_bytes = sum(len(model.buffers[sub.tensors[i].buffer].data) for i in param_tensors)
 
-    for name, count in sorted(result.ops.items()):
+    tail_start = _cpu_tail_start(sub, codes, model.buffers, type_names)
+    tail_tensors: set[int] = set()
+    for op in sub.operators[tail_start:]:
+        name = codes[op.opcodeIndex]
+        result.cpu_ops[name] = result.cpu_ops.get(name, 0) + 1
+        tail_tensors.update(int(t) for t in op.outputs)
+    mapped: dict[str, int] = {}
+    for op in sub.operators[:tail_start]:
+        mapped[codes[op.opcodeIndex]] = mapped.get(codes[op.opcodeIndex], 0) + 1
+    for name, count in sorted(mapped.items()):
         if name not in SUPPORTED_OPS:
             reasons.append(f"op {name} (x{count}) is not supported by the Edge TPU; it and everything after it "
                            "would run on the CPU")
-    for op in sub.operators:
+    for op in sub.operators[:tail_start]:
         _check_op_limits(codes[op.opcodeIndex], op, sub, model.buffers, reasons)
 
     float_tensors, dynamic, too_many_dims = [], [], []
-    for t in sub.tensors:
+    for index, t in enumerate(sub.tensors):
+        if index in tail_tensors or (t.buffer and model.buffers[t.buffer].data is not None
+                                     and all(index not in op.inputs for op in sub.operators[:tail_start])):
+            continue  # made on the CPU after the Edge TPU, or a constant only the tail reads
         tname = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
         ttype = type_names.get(t.type, "?")
         if ttype not in ("INT8", "UINT8", "INT32"):
@@ -113,7 +142,7 @@ def check_model(path: str | os.PathLike[str]) -> Check:
     if float_tensors:
         reasons.append(f"{len(float_tensors)} tensors are not 8-bit quantised (e.g. {float_tensors[0]}): convert "
                        "with --int8 (full integer), not --dynamic/--float16/--float32")
-    io_types = {type_names.get(sub.tensors[i].type, "?") for i in [*sub.inputs, *sub.outputs]}
+    io_types = {type_names.get(sub.tensors[i].type, "?") for i in [*sub.inputs, *sub.outputs] if i not in tail_tensors}
     if io_types - {"INT8", "UINT8"}:
         reasons.append(f"model inputs/outputs are {', '.join(sorted(io_types))}; the Edge TPU needs int8 or uint8")
     if dynamic:
@@ -126,6 +155,24 @@ def check_model(path: str | os.PathLike[str]) -> Check:
         reasons.append(f"parameters take {result.parameter_bytes / 1e6:.1f} MB, more than the ~8 MB on-chip memory: "
                        "they would stream from the host on every inference")
     return result
+
+
+def _cpu_tail_start(sub: Any, codes: list[str], buffers: Any, type_names: dict[int, str]) -> int:
+    """Index of the first op of a float tail the CPU runs after the int8 graph (``len(ops)``: none).
+
+    The tail starts at a DEQUANTIZE of a computed (not constant) 8-bit tensor, after at least one
+    other op, and holds only :data:`CPU_TAIL_OPS` up to the end of the op list.
+    """
+    ops = list(sub.operators)
+    for start, op in enumerate(ops):
+        if start == 0 or codes[op.opcodeIndex] != "DEQUANTIZE":
+            continue
+        source = sub.tensors[int(op.inputs[0])]
+        if type_names.get(source.type) not in ("INT8", "UINT8") or buffers[source.buffer].data is not None:
+            continue
+        if all(codes[o.opcodeIndex] in CPU_TAIL_OPS for o in ops[start:]):
+            return start
+    return len(ops)
 
 
 def _check_op_limits(name: str, op: Any, sub: Any, model_buffers: Any, reasons: list[str]) -> None:
@@ -166,6 +213,11 @@ class Compiled:
     @property
     def fully_mapped(self) -> bool:
         return bool(self.rows) and all(r["status"] == "Mapped to Edge TPU" for r in self.rows)
+
+    @property
+    def cpu_rows(self) -> list[dict[str, Any]]:
+        """The compiler's rows for ops it left to the CPU (e.g. a float tail after the int8 graph)."""
+        return [r for r in self.rows if r["status"] != "Mapped to Edge TPU"]
 
 
 def parse_compiler_log(log: str) -> list[dict[str, Any]]:

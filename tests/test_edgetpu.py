@@ -155,3 +155,47 @@ def test_convert_for_the_edgetpu(tmp_path: Path, real_weights: Path, photos: lis
     wrong = subprocess.run([sys.executable, "-m", "edgesqz", "convert", "--weights", str(real_weights), "--float16",
                             "--edgetpu", "-o", str(tmp_path / "f.tflite")], capture_output=True, text=True)
     assert wrong.returncode == 2 and "--edgetpu needs --int8" in wrong.stderr
+
+
+# --- an int8 graph followed by a float tail (the standard classifier head) ------------------------
+
+
+def test_float_tail_after_the_int8_graph_stays_on_the_cpu(tmp_path: Path) -> None:
+    from edgesqz.converters.standard_head import add_probability_head
+
+    class_map = _model(tmp_path, "class_map", [1, 16, 16, 3], lambda x: x).read_bytes()  # int8 [1, 16, 16, 8]
+    path = _write(tmp_path, "standard", add_probability_head(class_map, input_conversion="quantize"))
+    result = check_model(path)
+    assert result.compatible, result.reasons
+    assert result.cpu_ops == {"DEQUANTIZE": 1, "MEAN": 1, "SOFTMAX": 1}
+    assert result.ops["QUANTIZE"] == 1 and result.ops["CONV_2D"] == 1  # the uint8 -> int8 input runs on the TPU
+    assert "after it on the CPU: DEQUANTIZE x1, MEAN x1, SOFTMAX x1" in result.summary()
+    assert result.to_dict()["cpu_ops"] == result.cpu_ops
+
+
+def test_float_ops_before_the_int8_graph_are_not_a_tail(tmp_path: Path) -> None:
+    from edgesqz.converters.standard_head import add_probability_head
+
+    class_map = _model(tmp_path, "class_map", [1, 16, 16, 3], lambda x: x).read_bytes()
+    # uint8 -> float32 -> int8 at the input (what XNNPACK prefers): the compiler would stop at op 0
+    path = _write(tmp_path, "xnnpack_input", add_probability_head(class_map, input_conversion="dequantize_quantize"))
+    result = check_model(path)
+    assert not result.compatible
+    assert any(r.startswith("op DEQUANTIZE (x1)") for r in result.reasons), result.reasons
+    assert any("not 8-bit quantised" in r for r in result.reasons)  # the float pixels
+    assert result.cpu_ops == {"DEQUANTIZE": 1, "MEAN": 1, "SOFTMAX": 1}  # the tail is still recognised
+
+
+def test_int8_only_model_has_no_cpu_ops(int8_model: Path) -> None:
+    result = check_model(int8_model)
+    assert result.compatible and result.cpu_ops == {}
+    assert "on the CPU" not in result.summary()
+
+
+def test_compiler_rows_left_to_the_cpu(tmp_path: Path) -> None:
+    from edgesqz.edgetpu import Compiled
+
+    rows = [{"op": "CONV_2D", "count": 26, "status": "Mapped to Edge TPU"},
+            {"op": "DEQUANTIZE", "count": 1, "status": "Operation is working on an unsupported data type"}]
+    compiled = Compiled(tmp_path / "m_edgetpu.tflite", "", rows)
+    assert not compiled.fully_mapped and [r["op"] for r in compiled.cpu_rows] == ["DEQUANTIZE"]

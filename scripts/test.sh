@@ -3,6 +3,8 @@
 #   1. .venv        host stack (TensorFlow, PyTorch CPU, onnx2tf): every test, with real conversions;
 #   2. .venv-device what `pip install .` gives a Raspberry Pi (no TensorFlow, no PyTorch): the device
 #                   tests again, on the models stage 1 converted.
+# Before stage 1, scripts/clients.sh builds .venv-mediapipe and .venv-tasklib (the standard classifier
+# clients that tests/test_clients.py drives).
 # Usage: bash scripts/test.sh [pytest args...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +18,15 @@ echo "== host venv ($HOST): install"
 "$HOST/bin/python" -m pip install -q --upgrade pip
 "$HOST/bin/python" -m pip install -q -e ".[convert,dev]"
 "$HOST/bin/ruff" check .
+# The standard classifier clients (MediaPipe, TFLite Task Library) for tests/test_clients.py, each in its
+# own venv (~1.5 min to build, ~0.9 GB). EDGESQZ_CLIENTS=1 (CI) makes a failed build fatal, =0 skips it.
+if [ "${EDGESQZ_CLIENTS:-auto}" != 0 ]; then
+    echo "== client venvs (MediaPipe, TFLite Task Library)"
+    if ! bash scripts/clients.sh; then
+        [ "${EDGESQZ_CLIENTS:-auto}" = 1 ] && exit 1
+        echo "warning: client venvs not built; tests/test_clients.py will skip" >&2
+    fi
+fi
 echo "== host venv: tests"
 "$HOST/bin/python" -m pytest "$@"
 

@@ -228,17 +228,25 @@ def scores_from_output(real: np.ndarray, kind: str) -> np.ndarray:
 
 
 def detect_output_kind(interpreter: Any, detail: dict[str, Any]) -> str:
-    """For a model without metadata: class_map for 4-D outputs, probabilities after SOFTMAX, else logits."""
+    """For a model without metadata: class_map for 4-D outputs, probabilities after SOFTMAX (also through
+    a final QUANTIZE/DEQUANTIZE, e.g. uint8 probabilities), else logits."""
     if len(detail["shape"]) == 4:
         return "class_map"
-    out = int(detail["index"])
+    tensor = int(detail["index"])
     try:
         ops = interpreter._get_ops_details()
     except (AttributeError, RuntimeError, ValueError):
         return "logits"
-    for op in ops:
-        if out in [int(t) for t in op["outputs"]] and op["op_name"] == "SOFTMAX":
+    for _ in range(3):
+        producer = next((op for op in ops if op["op_name"] != "DELEGATE"
+                         and tensor in [int(t) for t in op["outputs"]]), None)
+        if producer is None:
+            break
+        if producer["op_name"] == "SOFTMAX":
             return "probabilities"
+        if producer["op_name"] not in ("QUANTIZE", "DEQUANTIZE"):
+            break
+        tensor = int(producer["inputs"][0])
     return "logits"
 
 

@@ -107,8 +107,12 @@ def test_client_top1_equals_edgesqz_classify(client: str, which: str, request: p
     mismatches = []
     for (name, _, _), line, scores in zip(crops, lines, ours, strict=True):
         top = line["top"]
-        if top["index"] != int(np.argmax(scores)) or top["label"] != clf.labels[top["index"]]:
-            mismatches.append((name, top, int(np.argmax(scores)), clf.labels[int(np.argmax(scores))]))
+        best = int(np.argmax(scores))
+        # An exact tie in the int8 class map (equal integer sums; ~0.1 % of photos) is broken by each
+        # runtime's float summation order: accept the other class when edgesqz scores it equal to 1e-5.
+        tie = top["index"] != best and scores[top["index"]] >= scores[best] * (1 - 1e-5)
+        if (top["index"] != best and not tie) or top["label"] != clf.labels[top["index"]]:
+            mismatches.append((name, top, best, clf.labels[best]))
         assert line["scores"]["count"] == 1000
         if clf.output_kind == "probabilities":  # (c) the scores are probabilities, and edgesqz's
             assert line["scores"]["min"] >= 0.0 and line["scores"]["max"] <= 1.0 + 1e-6

@@ -333,3 +333,28 @@ def test_cli_bad_models(variants: dict[str, Path], photos_dir: Path, variant: st
         errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and message in errors[0], p.stderr
         assert p.stdout == ""
+
+
+# --------------------------------------------------------------------------- the standard head (issue 18)
+
+
+@pytest.mark.parametrize("output", ["float32", "uint8"])
+def test_standard_head_models_read_as_probabilities(int8_model: Path, tmp_path: Path, photos_dir: Path,
+                                                    output: str) -> None:
+    """A standard model (uint8 in, [1, C] probabilities out) with and without metadata; older class maps too."""
+    from edgesqz.converters.standard_head import add_probability_head
+
+    standard = add_probability_head(int8_model.read_bytes(), output=output)  # type: ignore[arg-type]
+    with_meta = _write(tmp_path, "standard.tflite", standard)
+    bare = _write(tmp_path, "standard_bare.tflite", _pack(_strip_metadata(fb.ModelT.InitFromPackedBuf(standard, 0))))
+    img = cv2.imread(str(photos_dir / "coffee.png"))
+    old = Classifier(int8_model, threads=1)  # today's class-map model still reads
+    assert old.output_kind == "class_map"
+    expected = old.scores(img).scores
+    for path in (with_meta, bare):
+        clf = Classifier(path, threads=1, labels=old.labels)
+        assert clf.output_kind == "probabilities" and clf.spec.dtype == np.uint8 and clf.spec.mode == "raw"
+        scores = clf.scores(img).scores
+        assert abs(float(scores.sum()) - 1) < (1e-4 if output == "float32" else 0.05)
+        assert clf.classify(img, top_k=1)[0][0] == "espresso"
+        np.testing.assert_allclose(scores, expected, atol=1e-5 if output == "float32" else 1 / 256)

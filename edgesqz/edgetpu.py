@@ -116,10 +116,16 @@ def check_model(path: str | os.PathLike[str]) -> Check:
     mapped: dict[str, int] = {}
     for op in sub.operators[:tail_start]:
         mapped[codes[op.opcodeIndex]] = mapped.get(codes[op.opcodeIndex], 0) + 1
+    first = sub.operators[0] if len(sub.operators) else None
+    float_input = (first is not None and codes[first.opcodeIndex] == "DEQUANTIZE"
+                   and int(first.inputs[0]) in [int(i) for i in sub.inputs])
     for name, count in sorted(mapped.items()):
         if name not in SUPPORTED_OPS:
+            hint = (": the uint8 input goes through float (DEQUANTIZE + QUANTIZE, the fast form for XNNPACK); for "
+                    "the Edge TPU make it one QUANTIZE (standard_head.add_probability_head(..., "
+                    "input_conversion='quantize'))" if name == "DEQUANTIZE" and float_input else "")
             reasons.append(f"op {name} (x{count}) is not supported by the Edge TPU; it and everything after it "
-                           "would run on the CPU")
+                           f"would run on the CPU{hint}")
     for op in sub.operators[:tail_start]:
         _check_op_limits(codes[op.opcodeIndex], op, sub, model.buffers, reasons)
 

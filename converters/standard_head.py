@@ -39,7 +39,7 @@ import numpy as np
 from edgesqz.errors import EdgesqzError
 
 OutputType = Literal["float32", "uint8"]
-Pool = Literal["mean", "average_pool"]
+Pool = Literal["mean", "average_pool", "exact_mean"]
 InputConversion = Literal["quantize", "dequantize_quantize"]
 
 HEAD_PREFIX = "edgesqz_head/"
@@ -238,8 +238,8 @@ def add_probability_head_info(model: bytes, *, uint8_input: bool = True, output:
 
     if output not in ("float32", "uint8"):
         raise EdgesqzError(f"output must be float32 or uint8, not {output!r}")
-    if pool not in ("mean", "average_pool"):
-        raise EdgesqzError(f"pool must be mean or average_pool, not {pool!r}")
+    if pool not in ("mean", "average_pool", "exact_mean"):
+        raise EdgesqzError(f"pool must be mean, average_pool or exact_mean, not {pool!r}")
     schema = _schema()
     model = bytes(model)
     if len(model) < 8 or model[4:8] != b"TFL3":
@@ -278,7 +278,17 @@ def add_probability_head_info(model: bytes, *, uint8_input: bool = True, output:
 
     added: list[str] = []
     tail = []
-    if cmap_t.type == T.FLOAT32:
+    if pool == "exact_mean":
+        if cmap_t.type not in (T.INT8, T.UINT8):
+            raise EdgesqzError("pool='exact_mean' needs an int8 or uint8 class map")
+        scale, _ = _scale_zp(cmap_t)
+        cmap_f = _add_tensor(m, sub, f"{HEAD_PREFIX}class_map_integers", shape, T.FLOAT32)
+        copts = schema.CastOptionsT()
+        copts.inDataType, copts.outDataType = cmap_t.type, T.FLOAT32
+        tail.append(_op(m, B.CAST, 3 if cmap_t.type == T.INT8 else 1, [cmap], [cmap_f],
+                        schema.BuiltinOptions.CastOptions, copts))
+        added.append("CAST")
+    elif cmap_t.type == T.FLOAT32:
         cmap_f = cmap
     else:
         cmap_f = _add_tensor(m, sub, f"{HEAD_PREFIX}class_map_float", shape, T.FLOAT32)
@@ -286,7 +296,21 @@ def add_probability_head_info(model: bytes, *, uint8_input: bool = True, output:
         tail.append(_op(m, B.DEQUANTIZE, version, [cmap], [cmap_f]))
         added.append("DEQUANTIZE")
     logits = _add_tensor(m, sub, f"{HEAD_PREFIX}logits", [1, classes], T.FLOAT32)
-    if pool == "mean":
+    if pool == "exact_mean":
+        # the mean of the raw integers is exact up to one rounding (|sum| < 2**24), so equal sums stay equal
+        # and the class map's exact ties stay ties; times the map's scale it is the logits plus a constant
+        # (zero point x scale), which SOFTMAX ignores
+        means = _add_tensor(m, sub, f"{HEAD_PREFIX}mean_integers", [1, classes], T.FLOAT32)
+        axes = _add_tensor(m, sub, f"{HEAD_PREFIX}mean_axes", [2], T.INT32, data=np.array([1, 2], np.int32))
+        opts = schema.ReducerOptionsT()
+        opts.keepDims = False
+        tail.append(_op(m, B.MEAN, 1, [cmap_f, axes], [means], schema.BuiltinOptions.ReducerOptions, opts))
+        factor = _add_tensor(m, sub, f"{HEAD_PREFIX}class_map_scale", [], T.FLOAT32,
+                             data=np.array(scale, np.float32))
+        tail.append(_op(m, B.MUL, 1, [means, factor], [logits], schema.BuiltinOptions.MulOptions,
+                        schema.MulOptionsT()))
+        added += ["MEAN", "MUL"]
+    elif pool == "mean":
         axes = _add_tensor(m, sub, f"{HEAD_PREFIX}mean_axes", [2], T.INT32, data=np.array([1, 2], np.int32))
         opts = schema.ReducerOptionsT()
         opts.keepDims = False

@@ -11,9 +11,9 @@ The rules are Coral's published requirements for the Edge TPU compiler:
   streamed from the host, which is slow).
 
 The compiler maps ops up to the first one it cannot run and leaves that op and everything after it
-to the CPU. A model whose int8 graph is followed by a small float tail (DEQUANTIZE of the int8
-output, then MEAN / AVERAGE_POOL_2D / RESHAPE / SQUEEZE / SOFTMAX / QUANTIZE: the standard
-classifier head of :mod:`edgesqz.converters.standard_head`) therefore still maps its whole int8 part
+to the CPU. A model whose int8 graph is followed by a small float tail (DEQUANTIZE or CAST of the
+int8 output to float32, then MEAN / AVERAGE_POOL_2D / RESHAPE / SQUEEZE / MUL / SOFTMAX / QUANTIZE:
+the standard classifier head of :mod:`edgesqz.converters.standard_head`) therefore still maps its whole int8 part
 onto the Edge TPU: :func:`check_model` counts it as compatible and reports the tail in ``cpu_ops``.
 
 ``edgetpu_compiler`` exists for x86_64 Linux only; :func:`compile_model` runs it and turns its
@@ -47,7 +47,8 @@ SUPPORTED_OPS = frozenset({
 })
 SOFTMAX_MAX_ELEMENTS = 16000
 # Cheap ops that may follow the int8 graph on the CPU (after a DEQUANTIZE of its output).
-CPU_TAIL_OPS = frozenset({"DEQUANTIZE", "MEAN", "AVERAGE_POOL_2D", "RESHAPE", "SQUEEZE", "SOFTMAX", "QUANTIZE"})
+CPU_TAIL_OPS = frozenset({"DEQUANTIZE", "CAST", "MEAN", "AVERAGE_POOL_2D", "RESHAPE", "SQUEEZE", "MUL", "SOFTMAX",
+                          "QUANTIZE"})
 
 INSTALL_COMPILER = (
     "edgetpu_compiler is not installed: install Coral's edgetpu-compiler package from Coral's apt repository on an "
@@ -166,15 +167,16 @@ def check_model(path: str | os.PathLike[str]) -> Check:
 def _cpu_tail_start(sub: Any, codes: list[str], buffers: Any, type_names: dict[int, str]) -> int:
     """Index of the first op of a float tail the CPU runs after the int8 graph (``len(ops)``: none).
 
-    The tail starts at a DEQUANTIZE of a computed (not constant) 8-bit tensor, after at least one
-    other op, and holds only :data:`CPU_TAIL_OPS` up to the end of the op list.
+    The tail starts at a DEQUANTIZE or CAST of a computed (not constant) 8-bit tensor to float32, after at
+    least one other op, and holds only :data:`CPU_TAIL_OPS` up to the end of the op list.
     """
     ops = list(sub.operators)
     for start, op in enumerate(ops):
-        if start == 0 or codes[op.opcodeIndex] != "DEQUANTIZE":
+        if start == 0 or codes[op.opcodeIndex] not in ("DEQUANTIZE", "CAST"):
             continue
-        source = sub.tensors[int(op.inputs[0])]
-        if type_names.get(source.type) not in ("INT8", "UINT8") or buffers[source.buffer].data is not None:
+        source, target = sub.tensors[int(op.inputs[0])], sub.tensors[int(op.outputs[0])]
+        if (type_names.get(source.type) not in ("INT8", "UINT8") or type_names.get(target.type) != "FLOAT32"
+                or buffers[source.buffer].data is not None):
             continue
         if all(codes[o.opcodeIndex] in CPU_TAIL_OPS for o in ops[start:]):
             return start

@@ -171,6 +171,9 @@ def test_float_tail_after_the_int8_graph_stays_on_the_cpu(tmp_path: Path) -> Non
     assert result.ops["QUANTIZE"] == 1 and result.ops["CONV_2D"] == 1  # the uint8 -> int8 input runs on the TPU
     assert "after it on the CPU: DEQUANTIZE x1, MEAN x1, SOFTMAX x1" in result.summary()
     assert result.to_dict()["cpu_ops"] == result.cpu_ops
+    exact = check_model(_write(tmp_path, "exact", add_probability_head(class_map, input_conversion="quantize",
+                                                                        pool="exact_mean")))
+    assert exact.compatible and exact.cpu_ops == {"CAST": 1, "MEAN": 1, "MUL": 1, "SOFTMAX": 1}
 
 
 def test_float_ops_before_the_int8_graph_are_not_a_tail(tmp_path: Path) -> None:

@@ -126,6 +126,30 @@ def test_variants_agree(small_class_map: bytes) -> None:
         assert np.max(np.abs(_run(u8, rgb) / 256 - p)) <= 1 / 256
 
 
+def test_exact_mean_keeps_the_class_maps_ties(small_class_map: bytes) -> None:
+    """pool="exact_mean" averages the raw integers: equal integer sums give exactly equal probabilities."""
+    from edgesqz.device.runtime import delegate_coverage
+
+    exact, info = add_probability_head_info(small_class_map, pool="exact_mean")
+    assert info.ops == ("CAST", "MEAN", "MUL", "SOFTMAX") and standard_classifier_problems(exact) == []
+    cov = delegate_coverage(_interpreter(exact))
+    assert cov.delegated_ops == cov.total_ops - 1  # XNNPACK leaves the CAST int8 -> float32 to TFLite
+    pairs = 0
+    for rgb in _images(40):
+        sums = _run(small_class_map, rgb).astype(np.int64).sum(axis=(0, 1))
+        probs = _run(exact, rgb)
+        logits = _pooled(small_class_map, rgb)
+        assert int(np.argmax(probs)) == int(np.argmax(logits))  # ties too: both pick the first index
+        ref = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        np.testing.assert_allclose(probs, ref, rtol=1e-4, atol=1e-6)
+        for a in range(len(sums)):
+            for b in range(a + 1, len(sums)):
+                if sums[a] == sums[b]:
+                    pairs += 1
+                    assert probs[a] == probs[b]
+    assert pairs > 0  # the small map ties often, so the check above ran
+
+
 def test_head_info_and_op_versions(small_class_map: bytes) -> None:
     from ai_edge_litert import schema_py_generated as schema
 
@@ -137,6 +161,9 @@ def test_head_info_and_op_versions(small_class_map: bytes) -> None:
     versions = {(names[oc.builtinCode], oc.version) for oc in m.operatorCodes}
     # what TFLite's op_version.cc assigns: DEQUANTIZE of int8 -> 2, of uint8 -> 1; float MEAN/SOFTMAX -> 1
     assert {("DEQUANTIZE", 2), ("DEQUANTIZE", 1), ("QUANTIZE", 1), ("MEAN", 1), ("SOFTMAX", 1)} <= versions
+    m = schema.ModelT.InitFromPackedBuf(add_probability_head(small_class_map, pool="exact_mean"), 0)
+    versions = {(names[oc.builtinCode], oc.version) for oc in m.operatorCodes}
+    assert {("CAST", 3), ("MUL", 1)} <= versions  # CAST from int8 is version 3
 
 
 def test_refuses_what_is_not_a_class_map(small_class_map: bytes) -> None:

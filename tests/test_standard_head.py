@@ -7,6 +7,7 @@ float, XNNPACK over the whole graph, the embedded metadata kept.
 
 from __future__ import annotations
 
+import functools
 import json
 import zipfile
 from pathlib import Path
@@ -23,7 +24,8 @@ from edgesqz.converters.standard_head import (
 from edgesqz.errors import EdgesqzError
 
 
-def _interpreter(model: bytes, threads: int = 1):  # the runtime's Interpreter
+@functools.lru_cache(maxsize=16)
+def _interpreter(model: bytes, threads: int = 1):  # the runtime's Interpreter, one per model (tests run serially)
     from ai_edge_litert.interpreter import Interpreter
 
     it = Interpreter(model_content=model, num_threads=threads)

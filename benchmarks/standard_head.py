@@ -8,15 +8,16 @@ with ``--ptq best`` (``quantize.prepare_int8``) and converted once to the int8 c
 conversion, so they share the int8 body and differ only at the ends:
 
 - ``class_map``: today's model; the device averages the map in float (``pool_class_map``);
-- ``standard``: ``add_probability_head`` (uint8 input via DEQUANTIZE + QUANTIZE, both run by
-  XNNPACK; int8 map -> DEQUANTIZE -> MEAN -> SOFTMAX in float32, float32 ``[1, C]`` output);
-- ``standard_exact``: ``pool="exact_mean"``: CAST of the int8 map to float32 (its raw integers) -> MEAN
-  -> MUL by the map's scale -> SOFTMAX: the mean is exact, so the class map's exact ties stay exact
-  (XNNPACK leaves the CAST to TFLite's kernel);
-- ``standard_quantize_in``: the same as ``standard`` with one QUANTIZE (uint8 -> int8) at the input (the form the
-  Edge TPU runs; XNNPACK leaves that op to TFLite's kernel);
-- ``standard_avgpool``: AVERAGE_POOL_2D + RESHAPE instead of MEAN (input as ``standard``);
-- ``standard_uint8_out``: probabilities quantised to uint8 (scale 1/256) at the end (input as ``standard``);
+- ``standard``: ``add_probability_head``'s default (the recommended CPU model): uint8 input via
+  DEQUANTIZE + QUANTIZE (both run by XNNPACK), then ``pool="exact_mean"``: CAST of the int8 map to
+  float32 (its raw integers) -> MEAN -> MUL by the map's scale -> SOFTMAX, one float32 ``[1, C]``
+  output. The mean is exact, so the class map's exact ties stay ties (XNNPACK leaves the CAST to
+  TFLite's kernel);
+- ``standard_float_mean``: the same input, ``pool="mean"``: DEQUANTIZE -> MEAN -> SOFTMAX (all XNNPACK);
+- ``standard_edgetpu``: ``EDGETPU_OPTIONS``: one QUANTIZE (uint8 -> int8) at the input (what the Edge
+  TPU runs; XNNPACK leaves it to TFLite's kernel) and the ``"mean"`` tail;
+- ``standard_avgpool``: AVERAGE_POOL_2D + RESHAPE instead of MEAN (DEQUANTIZE tail, input as ``standard``);
+- ``standard_uint8_out``: the ``"mean"`` tail's probabilities quantised to uint8 (scale 1/256);
 - ``converter_int8_softmax``: the converter's own head: Keras GlobalAveragePooling2D + Softmax on
   the same prepared model, converted full-integer (int8 MEAN and SOFTMAX) with uint8 in/out
   (a second conversion of the same prepared weights with the same calibration images).
@@ -59,7 +60,7 @@ import numpy as np
 from quant_ablation import WEIGHTS, load_split, metrics, run_tflite
 
 REFERENCE = "class_map"
-VARIANTS = ("class_map", "standard", "standard_exact", "standard_quantize_in", "standard_avgpool",
+VARIANTS = ("class_map", "standard", "standard_float_mean", "standard_edgetpu", "standard_avgpool",
             "standard_uint8_out", "converter_int8_softmax")
 
 
@@ -77,7 +78,7 @@ def build_models(prepared: Any, calib: np.ndarray) -> dict[str, bytes]:
     import tensorflow as tf
 
     from edgesqz.converters.export import representative_dataset, to_tflite
-    from edgesqz.converters.standard_head import add_probability_head
+    from edgesqz.converters.standard_head import EDGETPU_OPTIONS, add_probability_head
 
     with contextlib.redirect_stdout(io.StringIO()):
         class_map = to_tflite(prepared, "int8", representative=representative_dataset(calib), io="int8")
@@ -94,12 +95,13 @@ def build_models(prepared: Any, calib: np.ndarray) -> dict[str, bytes]:
         converter_int8 = bytes(conv.convert())
     return {
         "class_map": class_map,
-        "standard": add_probability_head(class_map, input_conversion="dequantize_quantize"),
-        "standard_exact": add_probability_head(class_map, pool="exact_mean", input_conversion="dequantize_quantize"),
-        "standard_quantize_in": add_probability_head(class_map, input_conversion="quantize"),
+        "standard": add_probability_head(class_map, pool="exact_mean", input_conversion="dequantize_quantize"),
+        "standard_float_mean": add_probability_head(class_map, pool="mean", input_conversion="dequantize_quantize"),
+        "standard_edgetpu": add_probability_head(class_map, **EDGETPU_OPTIONS),
         "standard_avgpool": add_probability_head(class_map, pool="average_pool",
                                                  input_conversion="dequantize_quantize"),
-        "standard_uint8_out": add_probability_head(class_map, output="uint8", input_conversion="dequantize_quantize"),
+        "standard_uint8_out": add_probability_head(class_map, output="uint8", pool="mean",
+                                                   input_conversion="dequantize_quantize"),
         "converter_int8_softmax": converter_int8,
     }
 

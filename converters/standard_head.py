@@ -12,11 +12,23 @@ module edits the flatbuffer so the model is both:
   whole graph and the conversion costs ~1 % of invoke time) or by one QUANTIZE uint8 -> int8
   (``"quantize"``: what the Edge TPU runs, but XNNPACK leaves it to TFLite's slower kernel, +5-8 %
   on a 2-core x86 CPU). Both are exact (the int8 input is ``pixel - 128``: scale 1, integers);
-- output: the int8 class map -> DEQUANTIZE -> MEAN over H, W (float32) -> SOFTMAX (float32),
-  one float32 ``[1, C]`` output of probabilities. This is exactly what the device did to the class
-  map outside the model (average at full precision), so top-1 is the class-map model's; the tail
-  is ~0.1 % of the work. ``output="uint8"`` adds a QUANTIZE to uint8 (scale 1/256): smaller, but
-  probabilities closer than 1/256 then tie (measured in ``benchmarks/standard_head.py``).
+- output: one float32 ``[1, C]`` output of probabilities, computed from the int8 class map at full
+  precision, as the device did outside the model:
+
+  - ``pool="exact_mean"`` (the default): CAST int8 -> float32 (the raw integers), MEAN over H, W,
+    MUL by the map's scale, SOFTMAX. The mean of the integers is exact (their sum is below 2**24),
+    so the top-1 is the class-map model's on every image, exact ties included (both pick the lower
+    class index). XNNPACK leaves the CAST to TFLite's kernel (two partitions; +0.5 % of invoke
+    time) and CAST from int8 is op version 3: TFLite runtime >= 2.8 (the model's
+    ``min_runtime_version`` is raised to match).
+  - ``pool="mean"``: DEQUANTIZE -> MEAN -> SOFTMAX. All in XNNPACK, runtime >= 1.14 (Coral's
+    tflite_runtime 2.5 included: use it with ``input_conversion="quantize"`` for the Edge TPU,
+    :data:`EDGETPU_OPTIONS`), the same top-1 except where the int8 map ties exactly (~0.1 % of
+    photos): the float sum's rounding then picks either class.
+  - ``pool="average_pool"``: AVERAGE_POOL_2D + RESHAPE instead of MEAN (same as ``"mean"``).
+
+  ``output="uint8"`` adds a QUANTIZE to uint8 (scale 1/256): no smaller, and probabilities closer
+  than 1/256 tie (measured in ``benchmarks/standard_head.py``: -0.1 points of agreement).
 
 Everything else is kept: operator order, the TFLITE_METADATA and other metadata buffers, the
 signature def (re-pointed to the new input/output tensors) and the zip of associated files after
@@ -41,8 +53,18 @@ from edgesqz.errors import EdgesqzError
 OutputType = Literal["float32", "uint8"]
 Pool = Literal["mean", "average_pool", "exact_mean"]
 InputConversion = Literal["quantize", "dequantize_quantize"]
+# For models compiled for the Edge TPU: its compiler maps the QUANTIZE input and the int8 body, and
+# the DEQUANTIZE -> MEAN -> SOFTMAX tail runs on the CPU in any TFLite runtime since 1.14.
+EDGETPU_OPTIONS: dict[str, Any] = {"input_conversion": "quantize", "pool": "mean"}
 
 HEAD_PREFIX = "edgesqz_head/"
+# The oldest TFLite runtime with each op version the head adds (tensorflow/lite/tools/versioning/
+# runtime_version.cc); the model's min_runtime_version metadata is raised to the largest.
+MIN_RUNTIME = {
+    ("DEQUANTIZE", 1): "1.13.1", ("DEQUANTIZE", 2): "1.14.0", ("QUANTIZE", 1): "1.14.0", ("MEAN", 1): "1.6.0",
+    ("SOFTMAX", 1): "1.5.0", ("MUL", 1): "1.5.0", ("AVERAGE_POOL_2D", 1): "1.5.0", ("RESHAPE", 1): "1.5.0",
+    ("CAST", 1): "1.5.0", ("CAST", 3): "2.8.0",
+}
 UINT8_OUTPUT_SCALE = 1.0 / 256.0  # what the converter uses for a uint8 SOFTMAX output (zero point 0)
 INFO_FILE = "edgesqz.json"
 
@@ -167,6 +189,27 @@ def _scale_zp(t: Any) -> tuple[float, int]:
     return float(q.scale[0]), int(q.zeroPoint[0]) if q.zeroPoint is not None else 0
 
 
+def _version_tuple(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
+def _raise_min_runtime(m: Any, ops: list[Any]) -> str | None:
+    """Raise the ``min_runtime_version`` metadata to what ``ops`` need; returns the version written."""
+    needed = max((MIN_RUNTIME.get((_op_name(m, op), m.operatorCodes[op.opcodeIndex].version), "1.5.0") for op in ops),
+                 key=_version_tuple, default=None)
+    for entry in m.metadata or []:
+        if _name(entry.name) != "min_runtime_version" or needed is None:
+            continue
+        buf = m.buffers[entry.buffer]
+        current = bytes(buf.data if buf.data is not None else b"").rstrip(b"\0").decode("ascii", "replace")
+        if _version_tuple(needed) > _version_tuple(current):
+            # the converter writes the version as text padded with NULs to 16 bytes
+            buf.data = np.frombuffer(needed.encode().ljust(16, b"\0"), np.uint8)
+            return needed
+        return current
+    return None
+
+
 def _retarget_signatures(m: Any, old: int, new: int, *, inputs: bool) -> None:
     for sig in m.signatureDefs or []:
         for tm in (sig.inputs if inputs else sig.outputs) or []:
@@ -215,15 +258,17 @@ def _update_info(files: dict[str, bytes], head: HeadInfo) -> None:
 
 
 def add_probability_head(model: bytes, *, uint8_input: bool = True, output: OutputType = "float32",
-                         pool: Pool = "mean", input_conversion: InputConversion = "dequantize_quantize") -> bytes:
+                         pool: Pool = "exact_mean", input_conversion: InputConversion = "dequantize_quantize"
+                         ) -> bytes:
     """A standard classifier from an int8 class-map model (see the module docstring).
 
     ``model``: TFLite bytes with one image input (int8, uint8 or float32) and one output, the class
     map ``[1, H, W, C]`` as int8/uint8 (or float32 right after the converter's DEQUANTIZE).
     ``uint8_input``: replace an int8 input by uint8 raw pixels; ``input_conversion`` says how (see
     the module docstring; use ``"quantize"`` for models meant for the Edge TPU). ``output``:
-    ``"float32"`` probabilities (recommended) or ``"uint8"`` (scale 1/256). ``pool``: ``"mean"``
-    (MEAN over axes 1, 2) or ``"average_pool"`` (AVERAGE_POOL_2D H x W + RESHAPE); the same result.
+    ``"float32"`` probabilities (recommended) or ``"uint8"`` (scale 1/256). ``pool``: ``"exact_mean"``
+    (the default), ``"mean"`` or ``"average_pool"`` (see the module docstring); for the Edge TPU pass
+    ``**EDGETPU_OPTIONS``.
     Returns the new model bytes (with the original zip tail, ``edgesqz.json`` updated).
     """
     return add_probability_head_info(model, uint8_input=uint8_input, output=output, pool=pool,
@@ -231,7 +276,7 @@ def add_probability_head(model: bytes, *, uint8_input: bool = True, output: Outp
 
 
 def add_probability_head_info(model: bytes, *, uint8_input: bool = True, output: OutputType = "float32",
-                              pool: Pool = "mean", input_conversion: InputConversion = "dequantize_quantize"
+                              pool: Pool = "exact_mean", input_conversion: InputConversion = "dequantize_quantize"
                               ) -> tuple[bytes, HeadInfo]:
     """:func:`add_probability_head`, plus what was built."""
     from edgesqz.tflite_metadata import _AlignedBuilder
@@ -349,6 +394,7 @@ def add_probability_head_info(model: bytes, *, uint8_input: bool = True, output:
     in_index = int(sub.inputs[0])
     in_t = sub.tensors[in_index]
     in_dtype = {T.INT8: "int8", T.UINT8: "uint8", T.FLOAT32: "float32"}.get(in_t.type, "?")
+    front: list[Any] = []
     if uint8_input and in_t.type == T.INT8:
         scale, zp = _scale_zp(in_t)
         if not -128 <= zp + 128 <= 255:
@@ -367,6 +413,7 @@ def add_probability_head_info(model: bytes, *, uint8_input: bool = True, output:
         in_dtype = "uint8"
         added.insert(0, "QUANTIZE(input)")
 
+    _raise_min_runtime(m, [*front, *tail])
     head = HeadInfo(input_dtype=in_dtype, output_dtype=output, classes=classes, class_map=(h, w),
                     ops=tuple(a for a in added if a != "QUANTIZE(input)"))
     b = _AlignedBuilder(len(model) + 65536)

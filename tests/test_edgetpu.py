@@ -161,10 +161,10 @@ def test_convert_for_the_edgetpu(tmp_path: Path, real_weights: Path, photos: lis
 
 
 def test_float_tail_after_the_int8_graph_stays_on_the_cpu(tmp_path: Path) -> None:
-    from edgesqz.converters.standard_head import add_probability_head
+    from edgesqz.converters.standard_head import EDGETPU_OPTIONS, add_probability_head
 
     class_map = _model(tmp_path, "class_map", [1, 16, 16, 3], lambda x: x).read_bytes()  # int8 [1, 16, 16, 8]
-    path = _write(tmp_path, "standard", add_probability_head(class_map, input_conversion="quantize"))
+    path = _write(tmp_path, "standard", add_probability_head(class_map, **EDGETPU_OPTIONS))
     result = check_model(path)
     assert result.compatible, result.reasons
     assert result.cpu_ops == {"DEQUANTIZE": 1, "MEAN": 1, "SOFTMAX": 1}
@@ -181,7 +181,8 @@ def test_float_ops_before_the_int8_graph_are_not_a_tail(tmp_path: Path) -> None:
 
     class_map = _model(tmp_path, "class_map", [1, 16, 16, 3], lambda x: x).read_bytes()
     # uint8 -> float32 -> int8 at the input (what XNNPACK prefers): the compiler would stop at op 0
-    path = _write(tmp_path, "xnnpack_input", add_probability_head(class_map, input_conversion="dequantize_quantize"))
+    path = _write(tmp_path, "xnnpack_input", add_probability_head(class_map, input_conversion="dequantize_quantize",
+                                                                  pool="mean"))
     result = check_model(path)
     assert not result.compatible
     assert any(r.startswith("op DEQUANTIZE (x1)") and "input_conversion='quantize'" in r

@@ -77,9 +77,10 @@ def _images(n: int, size: int = 16) -> np.ndarray:
     return np.random.default_rng(1).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("conversion", ["dequantize_quantize", "quantize"])
-def test_contract_uint8_in_one_probability_vector_out(small_class_map: bytes, conversion: str) -> None:
-    model = add_probability_head(small_class_map, input_conversion=conversion)  # type: ignore[arg-type]
+@pytest.mark.parametrize(("conversion", "pool"), [("dequantize_quantize", "exact_mean"),
+                                                  ("dequantize_quantize", "mean"), ("quantize", "mean")])
+def test_contract_uint8_in_one_probability_vector_out(small_class_map: bytes, conversion: str, pool: str) -> None:
+    model = add_probability_head(small_class_map, input_conversion=conversion, pool=pool)  # type: ignore[arg-type]
     assert standard_classifier_problems(model) == []
     assert standard_classifier_problems(small_class_map) != []
     it = _interpreter(model)
@@ -94,17 +95,22 @@ def test_contract_uint8_in_one_probability_vector_out(small_class_map: bytes, co
                                    rtol=1e-4, atol=1e-6)
 
 
-def test_xnnpack_runs_the_whole_graph_with_the_default_input(small_class_map: bytes) -> None:
+def test_xnnpack_coverage(small_class_map: bytes) -> None:
     from edgesqz.device.runtime import delegate_coverage
 
-    assert delegate_coverage(_interpreter(add_probability_head(small_class_map))).full
+    def coverage(**options: str) -> tuple[int, int]:
+        cov = delegate_coverage(_interpreter(add_probability_head(small_class_map, **options)))  # type: ignore[arg-type]
+        return cov.total_ops - cov.delegated_ops, cov.partitions
+
+    assert coverage(pool="mean") == (0, 1)  # DEQUANTIZE + QUANTIZE input, float tail: all in XNNPACK
+    assert coverage() == (1, 2)  # exact_mean: the CAST int8 -> float32 runs in TFLite's own kernel
     # one QUANTIZE uint8 -> int8 is left to TFLite's own kernel (that is why it is not the default)
-    quantize_in = delegate_coverage(_interpreter(add_probability_head(small_class_map, input_conversion="quantize")))
-    assert quantize_in.delegated_ops == quantize_in.total_ops - 1
+    assert coverage(pool="mean", input_conversion="quantize") == (1, 1)
 
 
-def test_signature_runner_points_at_the_new_tensors(small_class_map: bytes) -> None:
-    it = _interpreter(add_probability_head(small_class_map))
+@pytest.mark.parametrize("pool", ["exact_mean", "mean"])
+def test_signature_runner_points_at_the_new_tensors(small_class_map: bytes, pool: str) -> None:
+    it = _interpreter(add_probability_head(small_class_map, pool=pool))  # type: ignore[arg-type]
     runner = it.get_signature_runner()
     (in_name,) = runner.get_input_details()
     (out_name,) = runner.get_output_details()
@@ -115,6 +121,7 @@ def test_signature_runner_points_at_the_new_tensors(small_class_map: bytes) -> N
 
 def test_variants_agree(small_class_map: bytes) -> None:
     base = add_probability_head(small_class_map)
+    mean = add_probability_head(small_class_map, pool="mean")
     pool = add_probability_head(small_class_map, pool="average_pool")
     keep = add_probability_head(small_class_map, uint8_input=False)
     u8 = add_probability_head(small_class_map, output="uint8")
@@ -123,6 +130,7 @@ def test_variants_agree(small_class_map: bytes) -> None:
     assert out["dtype"] == np.uint8 and out["quantization"] == (1 / 256, 0)
     for rgb in _images(4):
         p = _run(base, rgb)
+        np.testing.assert_allclose(_run(mean, rgb), p, atol=1e-6)
         np.testing.assert_allclose(_run(pool, rgb), p, atol=1e-6)
         np.testing.assert_allclose(_run(keep, rgb), p, atol=1e-6)
         assert np.max(np.abs(_run(u8, rgb) / 256 - p)) <= 1 / 256
@@ -132,7 +140,7 @@ def test_exact_mean_keeps_the_class_maps_ties(small_class_map: bytes) -> None:
     """pool="exact_mean" averages the raw integers: equal integer sums give exactly equal probabilities."""
     from edgesqz.device.runtime import delegate_coverage
 
-    exact, info = add_probability_head_info(small_class_map, pool="exact_mean")
+    exact, info = add_probability_head_info(small_class_map)  # the default
     assert info.ops == ("CAST", "MEAN", "MUL", "SOFTMAX") and standard_classifier_problems(exact) == []
     cov = delegate_coverage(_interpreter(exact))
     assert cov.delegated_ops == cov.total_ops - 1  # XNNPACK leaves the CAST int8 -> float32 to TFLite
@@ -155,7 +163,7 @@ def test_exact_mean_keeps_the_class_maps_ties(small_class_map: bytes) -> None:
 def test_head_info_and_op_versions(small_class_map: bytes) -> None:
     from ai_edge_litert import schema_py_generated as schema
 
-    model, info = add_probability_head_info(small_class_map)
+    model, info = add_probability_head_info(small_class_map, pool="mean")
     assert (info.input_dtype, info.output_dtype, info.classes, info.class_map) == ("uint8", "float32", 10, (6, 6))
     assert info.ops == ("DEQUANTIZE", "MEAN", "SOFTMAX")
     m = schema.ModelT.InitFromPackedBuf(model, 0)
@@ -166,6 +174,15 @@ def test_head_info_and_op_versions(small_class_map: bytes) -> None:
     m = schema.ModelT.InitFromPackedBuf(add_probability_head(small_class_map, pool="exact_mean"), 0)
     versions = {(names[oc.builtinCode], oc.version) for oc in m.operatorCodes}
     assert {("CAST", 3), ("MUL", 1)} <= versions  # CAST from int8 is version 3
+
+    def min_runtime(blob: bytes) -> str:
+        model = schema.ModelT.InitFromPackedBuf(blob, 0)
+        (entry,) = [e for e in model.metadata if e.name == b"min_runtime_version"]
+        return bytes(model.buffers[entry.buffer].data).rstrip(b"\0").decode()
+
+    assert min_runtime(small_class_map) == "1.14.0"  # what the converter wrote for the int8 body
+    assert min_runtime(model) == "1.14.0"  # DEQUANTIZE, MEAN, SOFTMAX, QUANTIZE need nothing newer
+    assert min_runtime(add_probability_head(small_class_map, pool="exact_mean")) == "2.8.0"  # CAST v3
 
 
 def test_refuses_what_is_not_a_class_map(small_class_map: bytes) -> None:
@@ -217,7 +234,8 @@ def test_real_model_same_top1_as_the_class_map_on_real_photos(int8_model: Path, 
     assert standard_classifier_problems(standard) == []
     files = sorted(imagenet_sample.iterdir())[::10]  # 100 real photos
     old, new = Classifier(int8_model, threads=1), Classifier(standard_path, threads=1)
-    assert new.output_kind == "probabilities" and new.spec.dtype == np.uint8 and new.coverage.full
+    assert new.output_kind == "probabilities" and new.spec.dtype == np.uint8
+    assert new.coverage.total_ops - new.coverage.delegated_ops == 1  # only the CAST of exact_mean
     assert new.labels == old.labels and len(new.labels) == 1000
     same = 0
     for f in files:

@@ -51,9 +51,11 @@ def _root(
 
 @app.command()
 def convert(
-    weights: Annotated[str, typer.Option("--weights", "-w", help="'torchvision' (download once), a .pth state_dict, "
-                                         "or a .keras model from 'edgesqz train'.")] = "torchvision",
-    version: Annotated[str | None, typer.Option("--version", help="1_0 or 1_1 (default: from the weights).")] = None,
+    weights: Annotated[str, typer.Option("--weights", "-w", help="'torchvision' (download once), a .pth state_dict "
+                                         "(torchvision or pytorch-cifar100 layout), or a .keras model from "
+                                         "'edgesqz train'.")] = "torchvision",
+    arch: Annotated[str | None, typer.Option("--arch", "--version", help="1_0, 1_1 or cifar (default: recognised "
+                                             "from the weights).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Full-integer int8 (default).")] = False,
     float16: Annotated[bool, typer.Option("--float16", help="float16 weights.")] = False,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic range: int8 weights, float activations.")] = False,
@@ -62,7 +64,13 @@ def convert(
                                               "video file. Required for --int8.")] = None,
     calib_count: Annotated[int, typer.Option("--calib-count", help="How many calibration images.")] = 200,
     io: Annotated[str, typer.Option("--io", help="int8 model input/output type: int8 or uint8.")] = "int8",
-    input_size: Annotated[int, typer.Option("--input-size", help="Square input size in pixels.")] = 224,
+    input_size: Annotated[int | None, typer.Option("--input-size", help="Square input size in pixels (default: "
+                                                   "what the network was trained at, 224 or 32 for cifar).")] = None,
+    crop_fraction: Annotated[float | None, typer.Option("--crop-fraction", help="Centre crop as a fraction of the "
+                                                        "shorter side (default 0.875; 1.0 for cifar).")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="Training normalisation mean, R,G,B on 0..1 (default: "
+                                             "ImageNet's; CIFAR-100's for cifar).")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Training normalisation std, R,G,B (see --mean).")] = None,
     labels: Annotated[str | None, typer.Option("--labels", help="Class names: .txt (one per line), .json list, "
                                                "or imagenet_class_index.json.")] = None,
     check: Annotated[str | None, typer.Option("--check", help="Labelled folder (<wnid>_*.JPEG or one sub-folder "
@@ -94,12 +102,14 @@ def convert(
                                       ("float32", float32)) if flag]
     if len(chosen) > 1:
         raise EdgesqzError(f"choose one format, not {' and '.join('--' + c for c in chosen)}")
-    opts = ConvertOptions(version=version, weights=weights, fmt=chosen[0] if chosen else "int8", calib=calib,
-                          calib_count=calib_count, io=io, input_size=input_size, labels=labels, check=check,
+    opts = ConvertOptions(arch=arch, weights=weights, fmt=chosen[0] if chosen else "int8", calib=calib,
+                          calib_count=calib_count, io=io, input_size=input_size, crop_fraction=crop_fraction,
+                          mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), labels=labels, check=check,
                           max_drop=max_drop, output=output, force=force, normalization=normalization, via=via,
                           ptq=ptq, edgetpu=edgetpu)
     with progress_bars(enabled=not json_out) as bars:
         result = run_convert(opts, bars)
+    err.print(f"weights: {result.found}")
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {warning}")
     rep = result.report
@@ -192,17 +202,22 @@ def train(
     output: Annotated[str, typer.Option("--output", "-o", help="Best model (.keras).")] = "model.keras",
     val: Annotated[str | None, typer.Option("--val", help="Validation folder (default: split --data).")] = None,
     val_split: Annotated[float, typer.Option("--val-split", help="Share of each class held out.")] = 0.2,
-    version: Annotated[str, typer.Option("--version", help="SqueezeNet 1_0 or 1_1.")] = "1_1",
-    init: Annotated[str, typer.Option("--from", help="'imagenet' (fine-tune torchvision's weights) or 'none' "
-                                      "(from scratch, batch-norm Fire modules).")] = "imagenet",
+    arch: Annotated[str, typer.Option("--arch", "--version", help="1_0 or 1_1 (torchvision's SqueezeNet) or cifar "
+                                      "(pytorch-cifar100's network for small images, trained from scratch with "
+                                      "its recipe).")] = "1_1",
+    init: Annotated[str | None, typer.Option("--from", help="'imagenet' (fine-tune torchvision's weights; default "
+                                             "for 1_0/1_1) or 'none' (from scratch, batch-norm Fire modules).")]
+    = None,
     weights: Annotated[str, typer.Option("--weights", help="The ImageNet weights for --from imagenet: "
                                          "'torchvision' or a .pth file.")] = "torchvision",
     epochs: Annotated[int, typer.Option("--epochs", help="At most this many epochs (early stopping).")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    input_size: Annotated[int, typer.Option("--input-size", help="Square training size in pixels.")] = 224,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Default 32; 128 for cifar.")] = None,
+    input_size: Annotated[int | None, typer.Option("--input-size", help="Square training size in pixels "
+                                                   "(default 224; 32 for cifar).")] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (cosine decay).")] = None,
-    patience: Annotated[int, typer.Option("--patience", help="Stop after this many epochs without a better "
-                                          "validation accuracy.")] = 3,
+    patience: Annotated[int | None, typer.Option("--patience", help="Stop after this many epochs without a better "
+                                                 "validation accuracy (default 3; off for cifar's step "
+                                                 "schedule).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote OUTPUT.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON at the end.")] = False,
@@ -214,7 +229,7 @@ def train(
     from edgesqz.train import TrainOptions
     from edgesqz.train import train as run_train
 
-    opts = TrainOptions(data=data, output=output, val=val, val_split=val_split, version=version, init=init,
+    opts = TrainOptions(data=data, output=output, val=val, val_split=val_split, arch=arch, init=init,
                         weights=weights, epochs=epochs, batch_size=batch_size, input_size=input_size,
                         learning_rate=learning_rate, patience=patience, force=force, resume=resume)
     result = run_train(opts, verbose=0 if json_out else 1)
@@ -291,6 +306,16 @@ def compare(
               f"top-1 A - B {rep['top1_difference']:+.2f} points "
               f"({_span(rep['top1_difference_ci95'], ' points', signed=True)}); output difference max "
               f"{d['max_abs']:.4g} (mean {d['mean_abs']:.4g}); {len(rep['classes_changed'])} classes changed")
+
+
+def _numbers(value: str | None, option: str) -> tuple[float, ...] | None:
+    """``"0.5,0.4,0.3"`` -> a tuple of floats (None stays None); a clear error otherwise."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise EdgesqzError(f"{option} takes one number or three separated by commas (R,G,B), not {value!r}") from None
 
 
 def _span(interval: list[float], unit: str, *, signed: bool = False) -> str:

@@ -1,14 +1,13 @@
 """`edgesqz train` -> `convert --int8` -> `classify` with the trained labels, on real photos.
 
-The data set is built on the fly from the shared ImageNet photos by grouping ImageNet classes
-into coarse groups (torchvision's class order): dogs 151-268, birds, reptiles.
+The data set (the ``coarse`` fixture in conftest.py) is built on the fly from the shared ImageNet
+photos by grouping ImageNet classes into coarse groups: dogs, birds, reptiles.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +15,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("tensorflow")
-
-GROUPS = {
-    "dog": set(range(151, 269)),
-    "bird": set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147)),
-    "reptile": set(range(33, 69)),
-}
-
 
 def edgesqz(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edgesqz", *args], capture_output=True, text=True, timeout=timeout,
@@ -34,23 +26,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def coarse(tmp_path_factory: pytest.TempPathFactory, imagenet_sample: Path, imagenet_labels: Path) -> Path:
-    """train/ and test/ folders (70/30 per group, disjoint), one sub-folder per coarse group."""
-    index = {v[0]: int(k) for k, v in json.loads(imagenet_labels.read_text()).items()}
-    root = tmp_path_factory.mktemp("coarse")
-    rng = random.Random(0)
-    for group, classes in GROUPS.items():
-        files = sorted(f for f in imagenet_sample.iterdir() if index[f.name[:9]] in classes)
-        rng.shuffle(files)
-        cut = round(len(files) * 0.7)
-        for split, chunk in (("train", files[:cut]), ("test", files[cut:])):
-            (root / split / group).mkdir(parents=True, exist_ok=True)
-            for f in chunk:
-                (root / split / group / f.name).symlink_to(f)
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -415,6 +415,6 @@ def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] 
             optimizer = trainer.optimizer  # keeps momentum and the step count of the interrupted run
         trainer.compile(optimizer=optimizer, loss=loss, metrics=metrics)
         trainer.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=max(start, initial_epoch),
-                    callbacks=[keep], verbose=verbose)
+                    callbacks=[keep], verbose=verbose, shuffle=False)  # tf.data shuffles already
     return TrainResult(out, split.classes, keep.best, len(history.get("loss", [])),
                        seen["images"] / seen["seconds"] if seen["seconds"] else 0.0, history, len(split.skipped))

@@ -150,6 +150,24 @@ def test_padded_stem_is_why_the_fold_needs_centring(real_pixels: np.ndarray) -> 
     assert np.abs(raw - expected).max() > 1e-2
 
 
+def test_onnx2tf_route_takes_the_cifar_network_too(real_pixels: np.ndarray, tmp_path: Path) -> None:
+    """The second, independent route: PyTorch (built from the same description) -> ONNX -> onnx2tf, exact."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx2tf") is None:
+        pytest.skip("onnx2tf is not installed")
+    from edgesqz.converters import onnx_route
+    from edgesqz.evaluate import tflite_outputs
+
+    reference = _random_reference(10, 3, real_pixels)
+    state = {k: v.numpy().astype(np.float32) for k, v in reference.state_dict().items()}
+    data = onnx_route.convert_via_onnx2tf(state, version="cifar", size=SIZE, fmt="float32", calib_images=None,
+                                          workdir=tmp_path / "work", log_path=tmp_path / "onnx2tf.log")
+    expected = _torch_logits(reference, real_pixels)
+    got = tflite_outputs(data, real_pixels)
+    assert np.abs(got - expected).max() < 1e-4
+
+
 # --------------------------------------------------------------------------- a trained checkpoint
 
 

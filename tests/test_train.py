@@ -99,3 +99,27 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path: Path, photos: list[
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["skipped"] == 1
     assert "skipped 1 unreadable images" in result.stderr
+
+
+def test_cifar_network_from_scratch_with_its_recipe(crops32: Path, tmp_path: Path) -> None:
+    """`train --arch cifar`: pytorch-cifar100's network and recipe on 32x32 real crops, then convert and classify."""
+    out = tmp_path / "cifar.keras"
+    result = edgesqz("train", "--arch", "cifar", "--data", str(crops32 / "train"), "--val", str(crops32 / "test"),
+                     "--epochs", "10", "--batch-size", "32", "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert len(summary["classes"]) == 8 and summary["epochs_run"] == 10  # no early stopping with a step schedule
+    assert summary["best_val_accuracy"] > 0.4, summary  # 8 classes: 12.5 % by chance
+
+    model = tmp_path / "cifar-int8.tflite"
+    result = edgesqz("convert", "--weights", str(out), "--int8", "--calib", str(crops32 / "train"),
+                     "--check", str(crops32 / "test"), "-o", str(model), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rep = json.loads(result.stdout)
+    assert rep["architecture"] == "squeezenet_cifar" and rep["input_size"] == 32
+    assert abs(rep["accuracy"]["reference"]["top1"] - 100 * summary["best_val_accuracy"]) < 8, rep["accuracy"]
+    assert rep["accuracy"]["top1_agreement"] >= 90, rep["accuracy"]
+    image = sorted((crops32 / "test" / summary["classes"][0]).iterdir())[0]
+    result = edgesqz("classify", "--model", str(model), str(image), "--json")
+    assert result.returncode == 0, result.stderr
+    assert {p["label"] for p in json.loads(result.stdout)["top_k"]} <= set(summary["classes"])

@@ -177,7 +177,8 @@ def compare_models(model_a: str, model_b: str, folder: str, *, threads: int | No
     sizes = {name: int((m.info.get("input") or {}).get("size") or 224) for name, m in metas.items()}
     if sizes["a"] != sizes["b"]:
         raise EdgesqzError(f"the models take different input sizes ({sizes['a']} and {sizes['b']})")
-    pre = Preprocessing(size=sizes["a"])
+    pre = Preprocessing(size=sizes["a"], crop_fraction=float(
+        (metas["a"].info.get("preprocessing") or {}).get("crop_fraction", Preprocessing().crop_fraction)))
     lf = labelled_files(folder, labels)
     make = progress or (lambda _d, _t: (lambda _n: None))
     images = load_images(lf.files, pre, make("decode", len(lf.files)))

@@ -108,9 +108,8 @@ class LoadedModel:
 
 def _check_arch(found: Architecture, wanted: Architecture | None, what: str) -> None:
     if wanted is not None and (found.layout, found.stem) != (wanted.layout, wanted.stem):
-        short = {"squeezenet1_0": "1_0", "squeezenet1_1": "1_1"}.get(found.family or found.name, "cifar")
-        raise EdgesqzError(f"{what} is {found.title or found.name}, not {wanted.title or wanted.name}: pass --arch "
-                           f"{short} (or leave --arch out)")
+        raise EdgesqzError(f"{what} is {found.label}, not {wanted.label}: pass --arch {found.short_name} "
+                           "(or leave --arch out)")
 
 
 def _load_keras_model(resolved: ResolvedWeights, arch_spec: str | None, classes: int | None) -> LoadedModel:
@@ -141,7 +140,7 @@ def _load_keras_model(resolved: ResolvedWeights, arch_spec: str | None, classes:
         if pre is None and "input_size" in saved:  # trained by an earlier edgesqz: ImageNet normalisation
             pre = replace(arch.preprocessing, size=int(saved["input_size"]))
         names = saved.get("labels")
-        return LoadedModel(model, arch, f"{arch.title or arch.name} from edgesqz train, {head.filters} classes",
+        return LoadedModel(model, arch, f"{arch.label} from edgesqz train, {head.filters} classes",
                            pre, Labels(tuple(names)) if names else None)
     if resolved.kind != "torch":
         raise EdgesqzError(f"{resolved.path}: convert takes a PyTorch .pth state_dict or a .keras model from "
@@ -191,13 +190,13 @@ def preprocessing_for(opts: ConvertOptions, loaded: LoadedModel) -> Preprocessin
     size = base.size if opts.input_size is None else int(opts.input_size)
     smallest = arch.min_input_size()
     if size < smallest:
-        raise EdgesqzError(f"--input-size {size} is below {arch.title or arch.name}'s minimum {smallest}")
+        raise EdgesqzError(f"--input-size {size} is below {arch.label}'s minimum {smallest}")
     known = loaded.preprocessing is not None or (arch.layout == "cifar" and mean is None and std is None)
     if opts.input_size is not None and known and not base.size / 2 <= size <= base.size * 2:
         how = ("retrain it at that size (edgesqz train --input-size)" if loaded.preprocessing is not None else
                "if you trained it on other images, pass their size with --input-size and their normalisation "
                "with --mean/--std")
-        raise EdgesqzError(f"--input-size {size} does not fit this {arch.title or arch.name}: it was trained on "
+        raise EdgesqzError(f"--input-size {size} does not fit this {arch.label}: it was trained on "
                            f"{base.size}x{base.size} images and would see everything {size / base.size:.3g}x larger; "
                            f"leave --input-size out ({base.size}), or {how}")
     return replace(base, size=size, crop_fraction=crop, mean=mean or base.mean, std=std or base.std)
@@ -312,8 +311,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     from edgesqz.tflite_metadata import embed_metadata
 
     final = embed_metadata(
-        tflite, labels=list(labels.names), info=info, name=f"{arch.title or arch.name} ({opts.fmt})",
-        description=f"{arch.title or arch.name} image classifier, {opts.fmt}, {pre.size}x{pre.size} RGB pixels in "
+        tflite, labels=list(labels.names), info=info, name=f"{arch.label} ({opts.fmt})",
+        description=f"{arch.label} image classifier, {opts.fmt}, {pre.size}x{pre.size} RGB pixels in "
                     "(normalisation inside the model); made by edgesqz",
         version=str(info["edgesqz_version"]), mean=[0.0], std=[1.0], input_min=0.0, input_max=255.0,
     )

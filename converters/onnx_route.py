@@ -298,7 +298,7 @@ def convert_via_onnx2tf(state: Mapping[str, np.ndarray], *, version: str | Archi
         with torch.no_grad():
             probe = model(torch.zeros(1, 3, size, size))
     except RuntimeError as exc:
-        raise EdgesqzError(f"input size {size} is too small for {arch.title or arch.name}") from exc
+        raise EdgesqzError(f"input size {size} is too small for {arch.label}") from exc
 
     workdir = Path(workdir)
     log_path = Path(log_path)

@@ -72,7 +72,7 @@ class Detected:
 
     def describe(self) -> str:
         norm = ", batch norm" if self.arch.batch_norm else ""
-        return f"{self.arch.title or self.arch.name} ({self.arch.naming.description}{norm}), {self.classes} classes"
+        return f"{self.arch.label} ({self.arch.naming.description}{norm}), {self.classes} classes"
 
 
 _LAYOUT_HINT = ("expected torchvision's keys (features.0.weight, features.3.squeeze.weight, ..., classifier.1.weight) "
@@ -165,8 +165,8 @@ def state_dict_to_keras(state: Mapping[str, np.ndarray], model: keras.Model, *,
     found = detect(state)
     if found is not None and wanted is not None and (found.arch.layout, found.arch.stem) != (
             wanted.layout, wanted.stem):
-        raise EdgesqzError(f"these weights are {found.describe()}, not {wanted.title or wanted.name}: "
-                           f"pass --arch {_short(found.arch)}")
+        raise EdgesqzError(f"these weights are {found.describe()}, not {wanted.label}: "
+                           f"pass --arch {found.arch.short_name}")
     expected = _expected(model)
     head = _head_conv(model, wanted)
     if head is not None and found is not None and found.classes != head.filters:
@@ -188,7 +188,7 @@ def state_dict_to_keras(state: Mapping[str, np.ndarray], model: keras.Model, *,
             parts.append("unexpected " + _listed(unexpected))
         if shape_errors:
             parts.append("wrong shape " + "; ".join(shape_errors[:_MAX_LISTED]))
-        what = wanted.title or wanted.name if wanted else model.name
+        what = wanted.label if wanted else model.name
         raise EdgesqzError(f"weights do not fit {what}: " + " | ".join(parts))
 
     per_layer: dict[str, dict[int, np.ndarray]] = {}
@@ -211,10 +211,6 @@ def _head_conv(model: keras.Model, arch: Architecture | None) -> keras.layers.La
         if layer.name in names and type(layer).__name__ == "Conv2D":
             return layer
     return None
-
-
-def _short(arch: Architecture) -> str:
-    return {"squeezenet1_0": "1_0", "squeezenet1_1": "1_1"}.get(arch.family or arch.name, "cifar")
 
 
 def keras_to_state_dict(model: keras.Model) -> dict[str, np.ndarray]:

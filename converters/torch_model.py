@@ -131,12 +131,11 @@ def from_state_dict(state: Mapping[str, np.ndarray], *, version: str | Architect
     arch = architecture(version)
     found = detect(state)
     if found is not None and (found.arch.layout, found.arch.stem) != (arch.layout, arch.stem):
-        short = {"squeezenet1_0": "1_0", "squeezenet1_1": "1_1"}.get(found.arch.family or found.arch.name, "cifar")
-        raise EdgesqzError(f"these weights are {found.arch.title or found.arch.name}, not {arch.title or arch.name}: "
-                           f"pass --arch {short}")
+        raise EdgesqzError(f"these weights are {found.arch.label}, not {arch.label}: pass --arch "
+                           f"{found.arch.short_name}")
     head = state.get(f"{arch.naming.head('conv')}.weight")
     if head is None:
-        raise EdgesqzError(f"the weights have no {arch.naming.head('conv')}.weight: not a {arch.title or arch.name} "
+        raise EdgesqzError(f"the weights have no {arch.naming.head('conv')}.weight: not a {arch.label} "
                            "state_dict")
     model = squeezenet(arch, int(head.shape[0]))
     expected = model.state_dict()
@@ -150,7 +149,7 @@ def from_state_dict(state: Mapping[str, np.ndarray], *, version: str | Architect
         parts = ([f"missing {', '.join(missing)}"] if missing else []) \
             + ([f"unexpected {', '.join(unexpected)}"] if unexpected else []) \
             + ([f"wrong shape {'; '.join(wrong)}"] if wrong else [])
-        raise EdgesqzError(f"weights do not fit {arch.title or arch.name}: " + " | ".join(parts))
+        raise EdgesqzError(f"weights do not fit {arch.label}: " + " | ".join(parts))
     tensors = {k: torch.from_numpy(np.asarray(v, np.float32)) for k, v in state.items() if k not in ignored}
     model.load_state_dict(tensors, strict=False)
     return model.eval()

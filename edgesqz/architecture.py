@@ -245,6 +245,17 @@ class Architecture:
                 return size
         raise AssertionError("unreachable")
 
+    @property
+    def short_name(self) -> str:
+        """What ``--arch`` takes for this architecture's family ("1_0", "1_1", "cifar")."""
+        family = self.family or self.name
+        return next((k for k in ARCH_CHOICES if ALIASES[k] == family), family)
+
+    @property
+    def label(self) -> str:
+        """For people: the title, else the name."""
+        return self.title or self.name
+
     def is_exact_fold(self) -> bool:
         """Whether the input normalisation folds into the stem exactly (it does when the stem has no padding)."""
         return self.stem.padding == 0

@@ -177,7 +177,7 @@ def SqueezeNet(
     smallest = arch.min_input_size()
     for dim in input_shape[:2]:
         if dim is not None and dim < smallest:
-            raise EdgesqzError(f"input size {dim} is too small for {arch.title or arch.name}: it needs at least "
+            raise EdgesqzError(f"input size {dim} is too small for {arch.label}: it needs at least "
                                f"{smallest}x{smallest} pixels")
 
     n = arch.naming

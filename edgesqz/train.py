@@ -95,7 +95,7 @@ def resolve_options(opts: TrainOptions) -> tuple[Architecture, Recipe, str]:
     if init not in ("imagenet", "none"):
         raise EdgesqzError(f"--from must be imagenet or none, not {opts.init!r}")
     if init == "imagenet" and (arch.layout != "torchvision" or arch.batch_norm):
-        raise EdgesqzError(f"--from imagenet: there are no ImageNet weights for the {arch.title or arch.name}; "
+        raise EdgesqzError(f"--from imagenet: there are no ImageNet weights for the {arch.label}; "
                            "train it from scratch with --from none")
     recipe = CIFAR if arch.layout == "cifar" else FINE_TUNE if init == "imagenet" else FROM_SCRATCH
     return arch, recipe, init
@@ -314,7 +314,7 @@ def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] 
         raise EdgesqzError(f"--patience must be >= 1, got {patience}")
     pre = training_preprocessing(opts, arch)
     if pre.size < arch.min_input_size():
-        raise EdgesqzError(f"--input-size must be >= {arch.min_input_size()} for {arch.title or arch.name}")
+        raise EdgesqzError(f"--input-size must be >= {arch.min_input_size()} for {arch.label}")
     split = scan(opts)
     out.parent.mkdir(parents=True, exist_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True)

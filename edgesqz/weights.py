@@ -144,10 +144,10 @@ def resolve(spec: str | os.PathLike[str], version: str | Architecture = "1_1") -
     spec_str = os.fspath(spec)
     if spec_str in ("torchvision", "imagenet"):
         arch = architecture(version)
-        key = {"squeezenet1_0": "1_0", "squeezenet1_1": "1_1"}.get(arch.family or arch.name)
-        if key is None or arch.batch_norm:
+        key = arch.short_name
+        if key not in TORCHVISION or arch.batch_norm:
             raise EdgesqzError(f"--weights {spec_str}: torchvision publishes weights for SqueezeNet 1.0 and 1.1 "
-                               f"only, not {arch.title or arch.name}; pass your own .pth or .keras file")
+                               f"only, not {arch.label}; pass your own .pth or .keras file")
         path = download(TORCHVISION[key])
         return ResolvedWeights("torch", path, sha256_file(path), spec_str)
     path = Path(spec_str).expanduser()

@@ -25,7 +25,14 @@ from typing import Any
 import numpy as np
 
 from edgesqz import sysinfo
-from edgesqz.device.runtime import Backend, Coverage, check_model_file, delegate_coverage, make_interpreter
+from edgesqz.device.runtime import (
+    Backend,
+    Coverage,
+    check_model_file,
+    check_threads,
+    delegate_coverage,
+    make_interpreter,
+)
 from edgesqz.errors import EdgesqzError
 from edgesqz.schema import report
 
@@ -38,8 +45,10 @@ def parse_threads(text: str) -> list[int]:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
         raise EdgesqzError(f"--threads takes numbers like 1,2,4, not {text!r}") from exc
-    if not values or any(v < 1 for v in values):
-        raise EdgesqzError(f"--threads must be >= 1, got {text!r}")
+    if not values:
+        raise EdgesqzError(f"--threads takes numbers like 1,2,4, not {text!r}")
+    for v in values:
+        check_threads(v)
     return values
 
 
@@ -74,7 +83,8 @@ class _Target:
 
         t0 = time.perf_counter()
         with captured_output([]):  # the runtime's one-off XNNPACK banner
-            self.interpreter, self.backend = make_interpreter(self.data, threads=self.threads, delegate=delegate)
+            self.interpreter, self.backend = make_interpreter(self.data, threads=self.threads, delegate=delegate,
+                                                              src=f"model {self.path}")
         t1 = time.perf_counter()
         inp = self.interpreter.get_input_details()[0]
         rng = np.random.default_rng(0)

@@ -69,7 +69,7 @@ def check_model(path: str | os.PathLike[str]) -> Check:
 
     from edgesqz.device.runtime import check_model_file
 
-    data = check_model_file(path)
+    data = check_model_file(path)  # the structure every command checks: indices, shapes, sizes
     model = schema.ModelT.InitFromPackedBuf(data, 0)
     result = Check(str(path))
     reasons = result.reasons
@@ -79,8 +79,20 @@ def check_model(path: str | os.PathLike[str]) -> Check:
         reasons.append(f"{len(model.subgraphs)} subgraphs: the Edge TPU compiler supports exactly one "
                        "(remove control flow such as tf.cond / while loops)")
     sub = model.subgraphs[0]
-    codes = [op_names.get(max(c.builtinCode, c.deprecatedBuiltinCode), f"CUSTOM:{c.customCode!r}")
-             for c in model.operatorCodes]
+    sub.operators, sub.tensors = sub.operators or [], sub.tensors or []
+    sub.inputs = [] if sub.inputs is None else sub.inputs
+    sub.outputs = [] if sub.outputs is None else sub.outputs
+    codes = [op_names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "CUSTOM")
+             for c in model.operatorCodes or []]
+    codes = [f"CUSTOM:{_text(c.customCode)}" if name == "CUSTOM" else name
+             for name, c in zip(codes, model.operatorCodes or [], strict=True)]
+    if not any(name.startswith("CUSTOM:") for name in codes):
+        # What the runtime cannot load, the Edge TPU compiler cannot compile: the same error as run/classify.
+        from edgesqz.device.runtime import make_interpreter
+        from edgesqz.quiet import captured_output
+
+        with captured_output([]):  # the runtime's XNNPACK banner
+            make_interpreter(data, threads=1, src=f"model {path}")
     param_tensors = set()
     for op in sub.operators:
         name = codes[op.opcodeIndex]
@@ -99,7 +111,7 @@ def check_model(path: str | os.PathLike[str]) -> Check:
 
     float_tensors, dynamic, too_many_dims = [], [], []
     for t in sub.tensors:
-        tname = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+        tname = _text(t.name)
         ttype = type_names.get(t.type, "?")
         if ttype not in ("INT8", "UINT8", "INT32"):
             float_tensors.append(f"{tname} ({ttype})")
@@ -128,6 +140,10 @@ def check_model(path: str | os.PathLike[str]) -> Check:
     return result
 
 
+def _text(value: str | bytes | None) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def _check_op_limits(name: str, op: Any, sub: Any, model_buffers: Any, reasons: list[str]) -> None:
     opts = op.builtinOptions
     if (name in ("CONV_2D", "DEPTHWISE_CONV_2D") and opts is not None
@@ -136,16 +152,17 @@ def _check_op_limits(name: str, op: Any, sub: Any, model_buffers: Any, reasons: 
     if (name in ("MAX_POOL_2D", "AVERAGE_POOL_2D", "CONCATENATION") and opts is not None
             and getattr(opts, "fusedActivationFunction", 0) != 0):
         reasons.append(f"{name} with a fused activation is not supported")
-    if name == "SOFTMAX":
-        shape = list(sub.tensors[op.inputs[0]].shape)
+    inputs = [int(i) for i in op.inputs] if op.inputs is not None else []
+    if name == "SOFTMAX" and inputs and inputs[0] >= 0:
+        shape = [int(d) for d in sub.tensors[inputs[0]].shape] if sub.tensors[inputs[0]].shape is not None else []
         elements = 1
         for d in shape:
             elements *= d
         if sum(1 for d in shape if d > 1) > 1 or elements > SOFTMAX_MAX_ELEMENTS:
             reasons.append(f"SOFTMAX on {shape}: only 1-D inputs of at most {SOFTMAX_MAX_ELEMENTS} elements")
-    if name == "MEAN":
-        shape = [int(d) for d in sub.tensors[op.inputs[0]].shape]
-        axes_data = model_buffers[sub.tensors[op.inputs[1]].buffer].data
+    if name == "MEAN" and len(inputs) >= 2 and min(inputs[:2]) >= 0:
+        shape = [int(d) for d in sub.tensors[inputs[0]].shape] if sub.tensors[inputs[0]].shape is not None else []
+        axes_data = model_buffers[sub.tensors[inputs[1]].buffer].data
         axes = [int(a) % max(len(shape), 1) for a in np.frombuffer(bytes(axes_data), np.int32)] \
             if axes_data is not None else []
         if 0 in axes and shape and shape[0] > 1:

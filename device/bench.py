@@ -196,17 +196,22 @@ CSV_COLUMNS = ("model", "threads", "delegate", "backend", "size_bytes", "create_
                "min_ms", "mean_ms", "std_ms", "p50_ms", "p90_ms", "p99_ms", "fps", "delegated_ops", "total_ops")
 
 
-def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str], *, force: bool = True) -> None:
+    """One row per (model, thread count), written whole or not at all."""
     import csv
+    import io
 
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({"model": r["model"], "threads": r["threads"], "delegate": r["delegate"] or "",
-                             "backend": r["backend"], "size_bytes": r["size_bytes"], **r["cold"],
-                             **{k: v for k, v in r["latency"].items()},
-                             "delegated_ops": r["coverage"]["delegated_ops"], "total_ops": r["coverage"]["total_ops"]})
+    from edgesqz.fileio import atomic_write
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({"model": r["model"], "threads": r["threads"], "delegate": r["delegate"] or "",
+                         "backend": r["backend"], "size_bytes": r["size_bytes"], **r["cold"],
+                         **{k: v for k, v in r["latency"].items()},
+                         "delegated_ops": r["coverage"]["delegated_ops"], "total_ops": r["coverage"]["total_ops"]})
+    atomic_write(path, text.getvalue(), force=force)
 
 
 def require_matplotlib() -> None:
@@ -214,8 +219,8 @@ def require_matplotlib() -> None:
         raise EdgesqzError('--plot needs matplotlib: pip install "edgesqz[plot]"')
 
 
-def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Latency distribution per (model, threads) as box plots (needs matplotlib)."""
+def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], *, force: bool = True) -> None:
+    """Latency distribution per (model, threads) as box plots (needs matplotlib), written atomically."""
     require_matplotlib()
     import matplotlib
 
@@ -229,5 +234,13 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
     ax.set_title("edgesqz bench: steady-state latency")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from edgesqz.fileio import atomic_file, os_error
+
+    try:
+        with atomic_file(path, force=force) as tmp:
+            try:
+                fig.savefig(tmp, dpi=120)
+            except OSError as exc:
+                raise os_error(path, exc) from exc
+    finally:
+        plt.close(fig)

@@ -203,21 +203,43 @@ def parse_compiler_log(log: str) -> list[dict[str, Any]]:
 
 
 def compile_model(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None,
-                  compiler: str = "edgetpu_compiler") -> Compiled:
-    """Run ``edgetpu_compiler`` on the model; a clear error when it is missing or fails."""
+                  compiler: str = "edgetpu_compiler", *, force: bool = False) -> Compiled:
+    """Run ``edgetpu_compiler`` on the model; a clear error when it is missing or fails.
+
+    ``MODEL_edgetpu.tflite`` and its ``.log`` go to ``out_dir`` (default: beside the model), checked
+    before the compiler runs (an existing file is replaced only with ``force``) and moved there whole:
+    the compiler works in a temporary folder.
+    """
+    import tempfile
+
+    from edgesqz.fileio import atomic_write, check_distinct, check_output, os_error
+
     exe = shutil.which(compiler)
     if exe is None:
         where = "" if platform.machine() in ("x86_64", "AMD64") else f" (this is {platform.machine()})"
         raise EdgesqzError(INSTALL_COMPILER + where)
     path = Path(path)
     out = Path(out_dir) if out_dir else path.parent
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([exe, "--show_operations", "--out_dir", str(out), str(path)], capture_output=True,
-                          text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    log_path = out / f"{path.stem}_edgetpu.log"
-    if proc.returncode != 0:
-        log_path.write_text(log)
-        first = next((line for line in log.splitlines() if line.strip()), "no output")
-        raise EdgesqzError(f"edgetpu_compiler failed: {first} (log: {log_path})")
-    return Compiled(out / f"{path.stem}_edgetpu.tflite", log, parse_compiler_log(log))
+    inputs = [("the model", path)]
+    target = check_output(out / f"{path.stem}_edgetpu.tflite", force=force, what="compiled model",
+                          option="--out-dir", inputs=inputs)
+    log_path = check_output(out / f"{path.stem}_edgetpu.log", force=force, what="compiler log", option="--out-dir",
+                            inputs=inputs)
+    check_distinct([("compiled model", target), ("compiler log", log_path)])
+    with tempfile.TemporaryDirectory(prefix=".edgetpu-", dir=out) as work:
+        proc = subprocess.run([exe, "--show_operations", "--out_dir", work, str(path)], capture_output=True,
+                              text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            atomic_write(log_path, log, force=force)
+            first = next((line for line in log.splitlines() if line.strip()), "no output")
+            raise EdgesqzError(f"edgetpu_compiler failed: {first} (log: {log_path})")
+        produced = Path(work) / target.name
+        if not produced.exists():
+            raise EdgesqzError(f"edgetpu_compiler wrote no {target.name}; its output: {log.strip()[:200]}")
+        try:
+            atomic_write(target, produced.read_bytes(), force=force)
+        except OSError as exc:
+            raise os_error(target, exc, "read") from exc
+        atomic_write(log_path, log, force=force)
+    return Compiled(target, log, parse_compiler_log(log))

@@ -91,6 +91,7 @@ def check_model_file(path: str | os.PathLike[str]) -> bytes:
     :func:`edgesqz.tflite_validate.validate_model` checks every index, shape and size the runtime
     will trust; :func:`edgesqz.tflite_metadata.read_metadata` the embedded metadata.
     """
+    from edgesqz.fileio import read_capped
     from edgesqz.tflite_metadata import read_metadata
     from edgesqz.tflite_validate import MAX_MODEL_BYTES, validate_model
 
@@ -104,7 +105,7 @@ def check_model_file(path: str | os.PathLike[str]) -> bytes:
         raise EdgesqzError(f"model {path} is a folder; pass the .tflite file")
     try:
         with path.open("rb") as f:
-            data = f.read(MAX_MODEL_BYTES + 1)
+            data = read_capped(f, MAX_MODEL_BYTES)
     except OSError as exc:
         raise EdgesqzError(f"cannot read model {path}: {exc.strerror or exc}") from exc
     src = f"model {path}"

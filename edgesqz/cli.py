@@ -151,25 +151,30 @@ def info(
     meta = d["info"]
     out.print(f"[bold]{d['model']}[/]  {human_size(d['size_bytes'])}  {d['name'] or '(no name)'}")
     if meta:
-        out.print(f"  architecture {meta.get('architecture')}, format {meta.get('format')}, "
-                  f"input {meta.get('input', {}).get('size')} px {meta.get('input', {}).get('color_order')}, "
-                  f"output {meta.get('output', {}).get('kind')}")
-        pre = meta.get("preprocessing", {})
-        out.print(f"  preprocessing: {pre.get('resize')}, crop {pre.get('crop_fraction', 0):.3f}, "
-                  f"{pre.get('interpolation')}, mean/std inside the model")
-        src = meta.get("source_weights") or {}
-        out.print(f"  weights: {src.get('source')} sha256 {str(src.get('sha256'))[:16]}...")
-        if meta.get("calibration"):
-            c = meta["calibration"]
-            out.print(f"  calibration: {c.get('count')} {c.get('kind')} images from {c.get('source')} "
-                      f"({c.get('skipped')} skipped)")
-        if meta.get("accuracy"):
-            a = meta["accuracy"]
-            out.print(f"  accuracy on {a['images']} images: float top-1 {a['reference']['top1']:.2f}, "
-                      f"model top-1 {a['model']['top1']:.2f} / top-5 {a['model']['top5']:.2f}, "
-                      f"agreement {a['top1_agreement']:.2f} %"
-                      + (f" (95 % interval {_span(a['top1_agreement_ci95'], ' %')})" if "top1_agreement_ci95" in a
-                         else ""))
+        def get(key: str) -> object:  # "a.b.c" of the metadata, None where absent (any model may lack any key)
+            value: object = meta
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            return value
+
+        def num(key: str, fmt: str = ".2f") -> str:
+            value = get(key)
+            return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+        out.print(f"  architecture {get('architecture')}, format {get('format')}, "
+                  f"input {get('input.size')} px {get('input.color_order')}, output {get('output.kind')}")
+        out.print(f"  preprocessing: {get('preprocessing.resize')}, crop {num('preprocessing.crop_fraction', '.3f')}, "
+                  f"{get('preprocessing.interpolation')}, mean/std inside the model")
+        out.print(f"  weights: {get('source_weights.source')} sha256 {str(get('source_weights.sha256'))[:16]}...")
+        if get("calibration"):
+            out.print(f"  calibration: {get('calibration.count')} {get('calibration.kind')} images from "
+                      f"{get('calibration.source')} ({get('calibration.skipped')} skipped)")
+        if get("accuracy"):
+            ci = get("accuracy.top1_agreement_ci95")
+            out.print(f"  accuracy on {get('accuracy.images')} images: float top-1 {num('accuracy.reference.top1')}, "
+                      f"model top-1 {num('accuracy.model.top1')} / top-5 {num('accuracy.model.top5')}, "
+                      f"agreement {num('accuracy.top1_agreement')} %"
+                      + (f" (95 % interval {_span(ci, ' %')})" if isinstance(ci, list) and len(ci) == 2 else ""))
     else:
         out.print("  no edgesqz metadata")
     if d["labels"]:
@@ -498,7 +503,8 @@ def _run_app() -> int:
         _say(f"error: {exc.strerror or exc}{where}")
         return 2
     except MemoryError:
-        _say("error: not enough memory for this; close other programs, or use a smaller model or smaller images")
+        _say("error: not enough memory for this; close other programs, or use fewer --threads, a smaller model or "
+             "smaller images")
         return 2
     except typer.Exit as exc:
         return exc.exit_code

@@ -45,6 +45,26 @@ def os_error(path: str | os.PathLike[str], exc: OSError, doing: str = "write") -
     return EdgesqzError(f"cannot {doing} {path}: {advice}")
 
 
+def read_capped(f: IO[bytes], limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of an open file (so the caller can tell "too large"), without
+    reserving ``limit`` bytes up front as ``f.read(limit + 1)`` does."""
+    try:
+        size = os.fstat(f.fileno()).st_size
+        regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+    except (OSError, AttributeError, ValueError):
+        size, regular = 0, False
+    if regular and 0 < size <= limit:
+        return f.read(size + 1)
+    chunks, total = [], 0
+    while total <= limit:
+        chunk = f.read(min(1 << 20, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks)
+
+
 def is_special(path: str | os.PathLike[str]) -> bool:
     """An existing character device, FIFO or socket (``/dev/null``, ``/dev/stdout``, a named pipe): written to
     as it is, never replaced."""

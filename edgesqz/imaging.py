@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 
 from edgesqz.errors import EdgesqzError
+from edgesqz.fileio import read_capped
 
 log = logging.getLogger("edgesqz")
 
@@ -210,7 +211,7 @@ def read_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         with path.open("rb") as f:
-            data = f.read(MAX_IMAGE_BYTES + 1)
+            data = read_capped(f, MAX_IMAGE_BYTES)
     except IsADirectoryError:
         raise EdgesqzError(f"cannot decode image {path}: it is a folder") from None
     except OSError as exc:

@@ -157,7 +157,15 @@ class OpenCVCapture:
         if self.is_camera:
             return (f"cannot open {self.description}{why}; check it is a capture device, not in use by another "
                     "program (fuser /dev/video*), and that you may read it (group 'video')")
-        if "://" in str(self.target):
+        if self.is_stream:
+            reachable = _reachable(str(self.target))
+            if reachable is True:
+                return (f"cannot open stream {self.target}{why}: the server answers but sends nothing OpenCV can "
+                        "decode as video; check the URL's path and the credentials, and that it is a video stream "
+                        "(RTSP, MJPEG over HTTP, ...)")
+            if reachable:
+                return (f"cannot open stream {self.target}{why}: cannot connect ({reachable}); check the URL, the "
+                        "network, and that the camera or server is on")
             return f"cannot open stream {self.target}{why}; check the URL, the network and the credentials"
         return f"cannot read video {self.target}{why}: not a video, or a codec this OpenCV/FFmpeg cannot decode"
 
@@ -583,7 +591,8 @@ class FrameSource:
             if self._stop.is_set():
                 return None
             try:
-                self.capture.open()
+                with _opencv_quiet():  # our warning says what happens; OpenCV's own WARN lines only confuse
+                    self.capture.open()
             except EdgesqzError as exc:
                 last = str(exc)
                 continue
@@ -599,6 +608,44 @@ class FrameSource:
             raise EdgesqzError(f"{self.description} stopped delivering frames (--reconnect 0: not reopened); {hint}")
         raise EdgesqzError(f"{self.description} disappeared and did not come back after {attempts} attempts over "
                            f"{waited:.1f} s ({last}); {hint}, or allow more with --reconnect")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "rtsp": 554, "rtsps": 322, "rtmp": 1935}
+
+
+def _reachable(url: str, timeout: float = 2.0) -> bool | str:
+    """True when a TCP connection to the URL's host and port succeeds, else why not ("" if not a TCP URL)."""
+    import socket
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+        host = parts.hostname
+    except ValueError:
+        return ""
+    if not host or not port:
+        return ""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _opencv_quiet() -> Iterator[None]:
+    """OpenCV's log level set to silent meanwhile (it is global; only the reconnecting thread uses this)."""
+    logging_ = getattr(getattr(cv2, "utils", None), "logging", None)
+    if logging_ is None:
+        yield
+        return
+    level = logging_.getLogLevel()
+    logging_.setLogLevel(logging_.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        logging_.setLogLevel(level)
 
 
 # --------------------------------------------------------------------------- from the CLI

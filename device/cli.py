@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -80,9 +81,12 @@ def _floats(value: str | None, name: str) -> list[float] | None:
     if value is None:
         return None
     try:
-        return [float(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError as exc:
-        raise EdgesqzError(f"{name} takes one number or three separated by commas, not {value!r}") from exc
+        values = [float(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise EdgesqzError(f"{name} takes one number or three separated by commas, not {value!r}")
+    return values
 
 
 def _classifier(model: Path | None, *, threads: int | None, delegate: str | None, top_k: int, threshold: float,

@@ -22,9 +22,9 @@ Progress = Callable[[int], None]
 
 
 def tflite_outputs(model: bytes, images: np.ndarray, *, threads: int | None = None,
-                   progress: Progress | None = None) -> np.ndarray:
+                   progress: Progress | None = None, src: str | None = None) -> np.ndarray:
     """Float outputs (logits, or class maps averaged to logits) of a TFLite model on uint8 RGB images."""
-    interpreter, _ = make_interpreter(model, threads=threads)
+    interpreter, _ = make_interpreter(model, threads=threads, src=src)
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
     in_scale, in_zero = inp["quantization"]

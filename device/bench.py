@@ -14,6 +14,7 @@ No TensorFlow, no PyTorch.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import time
@@ -109,8 +110,8 @@ def bench_models(models: Sequence[str | os.PathLike[str]], *, threads: Sequence[
                  runs: int | None = 100, duration: float | None = None, delegate: str | None = None,
                  progress: Callable[[str, int], Advance] | None = None) -> list[dict[str, Any]]:
     """One result row per (model, thread count); models interleaved within each thread count."""
-    if warmup < 0 or (runs is not None and runs < 1) or (duration is not None and duration <= 0):
-        raise EdgesqzError("--warmup must be >= 0, --runs >= 1 and --duration > 0")
+    if warmup < 0 or (runs is not None and runs < 1) or (duration is not None and not 0 < duration < math.inf):
+        raise EdgesqzError("--warmup must be >= 0, --runs >= 1 and --duration a number of seconds > 0")
     blobs = {str(m): check_model_file(m) for m in models}
     rows = []
     for n in threads:

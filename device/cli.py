@@ -253,16 +253,18 @@ def run(
     _info(f"source: {frame_source.description}" + (f" ({', '.join(d for d in details if d)})" if any(details) else ""))
     if (width or height) and not frame_source.live:
         _info("note: --width/--height are requests to a camera; files are read at their own size")
+    recorder = next((sink for sink in sinks if isinstance(sink, VideoRecordSink)), None)
     try:
         summary = pipeline.run()
     except EdgesqzError:
         if pipeline.summary.frames:  # e.g. the camera went away after a while: still say what was done
             _info(pipeline.summary.describe())
+            if recorder is not None and recorder.saved:
+                _info(f"recorded {record} ({recorder.frames} frames before the error)")
         raise
     _info(summary.describe())
-    recorder = next((sink for sink in sinks if isinstance(sink, VideoRecordSink)), None)
     if recorder is not None:
-        _info(f"recorded {record} ({recorder.frames} frames)" if recorder.frames else "nothing recorded (no frames)")
+        _info(f"recorded {record} ({recorder.frames} frames)" if recorder.saved else "nothing recorded (no frames)")
 
 
 @_errors_as_one_line

@@ -109,6 +109,9 @@ def check_model_file(path: str | os.PathLike[str]) -> bytes:
     except OSError as exc:
         raise EdgesqzError(f"cannot read model {path}: {exc.strerror or exc}") from exc
     src = f"model {path}"
+    if data is None:
+        raise EdgesqzError(f"{src} is larger than {MAX_MODEL_BYTES >> 20} MiB, the most edgesqz accepts; is it a "
+                           ".tflite model?")
     validate_model(data, src)
     read_metadata(data, src=src)
     return data

@@ -267,6 +267,7 @@ class VideoRecordSink(Sink):
         self._error: EdgesqzError | None = None
         self._pending: PendingFile | None = None
         self.frames = 0
+        self.saved = False  # the video is in place under its name
 
     def open(self, pipeline: Pipeline | None = None) -> None:
         if self.fps is None:
@@ -300,6 +301,7 @@ class VideoRecordSink(Sink):
                 raise self._error
             return
         pending.commit()  # what was recorded is kept even when the run failed later
+        self.saved = True
 
     def _check_playable(self, tmp: Path) -> None:
         cap = cv2.VideoCapture(str(tmp))

@@ -20,6 +20,7 @@ import os
 import platform
 import re
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,7 +71,19 @@ def check_model(path: str | os.PathLike[str]) -> Check:
     from edgesqz.device.runtime import check_model_file
 
     data = check_model_file(path)  # the structure every command checks: indices, shapes, sizes
-    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    if not _has_custom_ops(data):
+        # What the runtime cannot load (its flatbuffer verifier reads every table), the Edge TPU compiler
+        # cannot compile: the same error as run/classify. Compiled models (edgetpu-custom-op) are not loaded.
+        from edgesqz.device.runtime import make_interpreter
+        from edgesqz.quiet import captured_output
+
+        with captured_output([]):  # the runtime's XNNPACK banner
+            make_interpreter(data, threads=1, src=f"model {path}")
+    try:
+        model = schema.ModelT.InitFromPackedBuf(data, 0)
+    except (struct.error, IndexError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise EdgesqzError(f"model {path} is not a valid .tflite model (corrupt flatbuffer: {exc}); re-export it "
+                           "or copy it again") from exc
     result = Check(str(path))
     reasons = result.reasons
     op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
@@ -86,13 +99,6 @@ def check_model(path: str | os.PathLike[str]) -> Check:
              for c in model.operatorCodes or []]
     codes = [f"CUSTOM:{_text(c.customCode)}" if name == "CUSTOM" else name
              for name, c in zip(codes, model.operatorCodes or [], strict=True)]
-    if not any(name.startswith("CUSTOM:") for name in codes):
-        # What the runtime cannot load, the Edge TPU compiler cannot compile: the same error as run/classify.
-        from edgesqz.device.runtime import make_interpreter
-        from edgesqz.quiet import captured_output
-
-        with captured_output([]):  # the runtime's XNNPACK banner
-            make_interpreter(data, threads=1, src=f"model {path}")
     param_tensors = set()
     for op in sub.operators:
         name = codes[op.opcodeIndex]
@@ -138,6 +144,16 @@ def check_model(path: str | os.PathLike[str]) -> Check:
         reasons.append(f"parameters take {result.parameter_bytes / 1e6:.1f} MB, more than the ~8 MB on-chip memory: "
                        "they would stream from the host on every inference")
     return result
+
+
+def _has_custom_ops(data: bytes) -> bool:
+    """Does the (validated) model use custom ops, e.g. an already compiled edgetpu-custom-op?"""
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.Model.GetRootAs(data, 0)
+    custom = schema.BuiltinOperator.CUSTOM
+    return any(max(m.OperatorCodes(i).BuiltinCode(), m.OperatorCodes(i).DeprecatedBuiltinCode()) == custom
+               for i in range(m.OperatorCodesLength()))
 
 
 def _text(value: str | bytes | None) -> str:

@@ -45,24 +45,27 @@ def os_error(path: str | os.PathLike[str], exc: OSError, doing: str = "write") -
     return EdgesqzError(f"cannot {doing} {path}: {advice}")
 
 
-def read_capped(f: IO[bytes], limit: int) -> bytes:
-    """At most ``limit + 1`` bytes of an open file (so the caller can tell "too large"), without
-    reserving ``limit`` bytes up front as ``f.read(limit + 1)`` does."""
+def read_capped(f: IO[bytes], limit: int) -> bytes | None:
+    """The whole content of an open file, or None when it holds more than ``limit`` bytes.
+
+    A regular file is measured first (a 2 GB file is refused without reading it); anything else (a
+    pipe) is read in chunks up to ``limit + 1`` bytes. Never reserves ``limit`` bytes up front, as
+    ``f.read(limit + 1)`` does.
+    """
     try:
-        size = os.fstat(f.fileno()).st_size
-        regular = stat.S_ISREG(os.fstat(f.fileno()).st_mode)
+        info = os.fstat(f.fileno())
     except (OSError, AttributeError, ValueError):
-        size, regular = 0, False
-    if regular and 0 < size <= limit:
-        return f.read(size + 1)
+        info = None
+    if info is not None and stat.S_ISREG(info.st_mode) and info.st_size > limit:
+        return None
     chunks, total = [], 0
     while total <= limit:
-        chunk = f.read(min(1 << 20, limit + 1 - total))
+        chunk = f.read(min(1 << 24, limit + 1 - total))
         if not chunk:
             break
         chunks.append(chunk)
         total += len(chunk)
-    return b"".join(chunks)
+    return None if total > limit else b"".join(chunks)
 
 
 def is_special(path: str | os.PathLike[str]) -> bool:

@@ -216,7 +216,7 @@ def read_image(path: str | Path) -> np.ndarray:
         raise EdgesqzError(f"cannot decode image {path}: it is a folder") from None
     except OSError as exc:
         raise EdgesqzError(f"cannot read image {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_IMAGE_BYTES:
+    if data is None:
         raise EdgesqzError(f"image {path} is larger than {MAX_IMAGE_BYTES >> 20} MB; resize it first")
     header = image_header(data)
     if header is None:

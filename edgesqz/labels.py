@@ -50,7 +50,7 @@ def load_labels(path: str | Path) -> Labels:
         raise EdgesqzError(f"labels file {path} is a folder; pass the file") from exc
     except OSError as exc:
         raise EdgesqzError(f"cannot read labels file {path}: {exc.strerror or exc}") from exc
-    if len(data) > MAX_LABELS_BYTES:
+    if data is None:
         raise EdgesqzError(f"labels file {path} is larger than {MAX_LABELS_BYTES >> 20} MB; is it a labels file?")
     try:
         text = data.decode("utf-8")

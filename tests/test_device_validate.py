@@ -167,7 +167,17 @@ def test_read_capped_does_not_reserve_the_cap(tmp_path: Path) -> None:
     with path.open("rb") as f:
         assert read_capped(f, 1 << 40) == b"abc"  # a 1 TiB cap: must not allocate it
     with path.open("rb") as f:
-        assert read_capped(f, 2) == b"abc"  # cap + 1 bytes: the caller sees it is too large
+        assert read_capped(f, 2) is None  # too large
+    big = tmp_path / "sparse"
+    with big.open("wb") as f:
+        f.truncate(3 << 30)  # 3 GB of nothing: refused from its size, not read
+    with big.open("rb") as f:
+        assert read_capped(f, 1 << 30) is None
+    read, write = os.pipe()
+    os.write(write, b"x" * 10)
+    os.close(write)
+    with os.fdopen(read, "rb") as f:
+        assert read_capped(f, 9) is None
 
 
 def test_guarded_stdout() -> None:

@@ -136,6 +136,10 @@ def _load_keras_model(resolved: ResolvedWeights, arch_spec: str | None, classes:
             raise EdgesqzError(f"{resolved.path} is not an edgesqz SqueezeNet (no architecture description and "
                                "no layer names of a known layout)") from exc
         _check_arch(arch, wanted, str(resolved.path))
+        broken = [w.path for w in model.weights if not np.all(np.isfinite(np.asarray(w)))]
+        if broken:
+            raise EdgesqzError(f"{resolved.path} has NaN or infinite weights (e.g. in {broken[0]}): the training run "
+                               "diverged; use an earlier checkpoint")
         pre = Preprocessing.from_dict(saved["preprocessing"]) if "preprocessing" in saved else None
         if pre is None and "input_size" in saved:  # trained by an earlier edgesqz: ImageNet normalisation
             pre = replace(arch.preprocessing, size=int(saved["input_size"]))
@@ -337,14 +341,14 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         )
     atomic_write(out_path, final, force=opts.force)
     if opts.edgetpu:
-        rep["edgetpu"] = _edgetpu(out_path, warnings)
+        rep["edgetpu"] = _edgetpu(out_path, warnings, force=opts.force)
     atomic_write(report_path, (json.dumps(rep, indent=2) + "\n").encode())
     if not opts.output:
         _point_latest(out_path)
     return ConvertResult(out_path, report_path, rep, warnings, loaded.found)
 
 
-def _edgetpu(path: Path, warnings: list[str]) -> dict[str, Any]:
+def _edgetpu(path: Path, warnings: list[str], *, force: bool = False) -> dict[str, Any]:
     """Check the written model against the Edge TPU's rules; compile it when the compiler is installed."""
     import shutil
 
@@ -357,7 +361,7 @@ def _edgetpu(path: Path, warnings: list[str]) -> dict[str, Any]:
                            + "); model not written")
     result: dict[str, Any] = {"check": check.to_dict(), "compiled": None}
     if shutil.which("edgetpu_compiler"):
-        compiled = compile_model(path)
+        compiled = compile_model(path, force=force)
         result["compiled"] = {"model": str(compiled.output), "fully_mapped": compiled.fully_mapped,
                               "ops": compiled.rows}
     else:

@@ -34,12 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from edgesqz.architecture import Architecture, architecture
 from edgesqz.errors import EdgesqzError
-from edgesqz.imaging import IMAGE_SUFFIXES, Preprocessing
+from edgesqz.imaging import IMAGE_SUFFIXES, Preprocessing, read_image
 
 LABELS_MEMBER = "edgesqz.json"
 
@@ -119,8 +118,12 @@ def _class_files(root: Path) -> tuple[list[str], dict[str, list[Path]]]:
 
 
 def _readable(path: Path) -> bool:
-    data = np.fromfile(str(path), dtype=np.uint8)
-    return data.size > 0 and cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_8) is not None
+    """Whether the one image reader accepts it (so tf.data never meets a forged or oversized image)."""
+    try:
+        read_image(path)
+    except EdgesqzError:
+        return False
+    return True
 
 
 def scan(opts: TrainOptions) -> Split:

@@ -267,4 +267,9 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, crops32: Path)
 
     line = one_error_line(edgesqz("convert", "--weights", str(full), "--float32", "--arch", "1_1", "-o", str(out)))
     assert "CIFAR SqueezeNet" in line and "--arch cifar" in line
+
+    diverged = tmp_path / "diverged.pth"
+    torch.save({**state, "fire5.expand_3x3.0.weight": state["fire5.expand_3x3.0.weight"] * float("nan")}, diverged)
+    line = one_error_line(edgesqz("convert", "--weights", str(diverged), "--float32", "-o", str(out)))
+    assert "NaN or infinite" in line and "fire5.expand_3x3.0.weight" in line
     assert not out.exists() and not list(tmp_path.glob("*.tflite"))

@@ -12,12 +12,13 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgesqz.architecture import Architecture, architecture
 from edgesqz.converters import FORMATS
 from edgesqz.datasets import ImageSet, LabelledFiles, calibration_files, calibration_set, labelled_files, load_images
 from edgesqz.errors import AccuracyGateError, EdgesqzError
@@ -42,13 +43,16 @@ def _no_progress(_: str, __: int) -> Callable[[int], None]:
 
 @dataclass
 class ConvertOptions:
-    version: str | None = None  # None: detect from the weights
+    arch: str | None = None  # "1_0", "1_1", "cifar" or a variant's name; None: detect from the weights
     weights: str = "torchvision"
     fmt: str = "int8"
     calib: str | None = None
     calib_count: int = DEFAULT_CALIB_COUNT
     io: str = "int8"
-    input_size: int = 224
+    input_size: int | None = None  # None: the size the architecture was trained at (224, 32 for CIFAR)
+    crop_fraction: float | None = None  # None: the architecture's (0.875 ImageNet, 1.0 CIFAR)
+    mean: tuple[float, ...] | None = None  # the training normalisation; None: the architecture's
+    std: tuple[float, ...] | None = None
     labels: str | None = None
     check: str | None = None
     max_drop: float | None = None
@@ -67,13 +71,14 @@ class ConvertResult:
     report_path: Path
     report: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
+    found: str = ""  # what the weights turned out to be, for the user
 
 
-def output_path(opts: ConvertOptions, version: str) -> Path:
+def output_path(opts: ConvertOptions, arch: Architecture) -> Path:
     if opts.output:
         return Path(opts.output).expanduser()
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return default_model_path().parent / f"squeezenet{version}-{opts.fmt}-{stamp}.tflite"
+    return default_model_path().parent / f"{arch.name}-{opts.fmt}-{stamp}.tflite"
 
 
 def _check_writable(path: Path, force: bool) -> None:
@@ -90,55 +95,115 @@ def _point_latest(path: Path) -> None:
     os.replace(tmp, latest)
 
 
-def _load_keras_model(resolved: ResolvedWeights, version: str | None, classes: int | None) -> tuple[Any, str]:
-    """The float Keras model (logits out) and its version."""
-    from edgesqz.squeezenet import SqueezeNet
+@dataclass
+class LoadedModel:
+    """The float Keras model (logits out) and what is known about it."""
 
+    model: Any
+    arch: Architecture
+    found: str  # what the weights are, in words
+    preprocessing: Preprocessing | None = None  # what it was trained with, when the file says (edgesqz train)
+    labels: Labels | None = None  # class names stored with it (edgesqz train)
+
+
+def _check_arch(found: Architecture, wanted: Architecture | None, what: str) -> None:
+    if wanted is not None and (found.layout, found.stem) != (wanted.layout, wanted.stem):
+        raise EdgesqzError(f"{what} is {found.label}, not {wanted.label}: pass --arch {found.short_name} "
+                           "(or leave --arch out)")
+
+
+def _load_keras_model(resolved: ResolvedWeights, arch_spec: str | None, classes: int | None) -> LoadedModel:
+    """Load the weights into a float Keras SqueezeNet of the architecture they belong to."""
+    from edgesqz.squeezenet import SqueezeNet, architecture_of
+
+    wanted = architecture(arch_spec) if arch_spec else None
     if resolved.kind == "keras_model":
         import keras
+
+        from edgesqz.train import read_training_info
 
         try:
             model = keras.saving.load_model(resolved.path, compile=False)
         except Exception as exc:  # Keras raises many types for a bad archive
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EdgesqzError(f"cannot load Keras model {resolved.path}: {first[:160]}") from exc
+        saved = read_training_info(resolved.path) or {}
         try:
-            kernel = model.get_layer("features.0").kernel
-        except ValueError as exc:
-            raise EdgesqzError(f"{resolved.path} is not an edgesqz SqueezeNet (no layer features.0)") from exc
-        found = "1_0" if kernel.shape[0] == 7 else "1_1"
-        if version and version != found:
-            raise EdgesqzError(f"{resolved.path} is SqueezeNet {found}, not {version}: pass --version {found}")
-        return model, found
+            arch = (Architecture.from_dict(saved["architecture"]) if "architecture" in saved
+                    else architecture_of(model))
+            head = model.get_layer(arch.naming.head("conv"))
+        except (EdgesqzError, ValueError) as exc:
+            raise EdgesqzError(f"{resolved.path} is not an edgesqz SqueezeNet (no architecture description and "
+                               "no layer names of a known layout)") from exc
+        _check_arch(arch, wanted, str(resolved.path))
+        broken = [w.path for w in model.weights if not np.all(np.isfinite(np.asarray(w)))]
+        if broken:
+            raise EdgesqzError(f"{resolved.path} has NaN or infinite weights (e.g. in {broken[0]}): the training run "
+                               "diverged; use an earlier checkpoint")
+        pre = Preprocessing.from_dict(saved["preprocessing"]) if "preprocessing" in saved else None
+        if pre is None and "input_size" in saved:  # trained by an earlier edgesqz: ImageNet normalisation
+            pre = replace(arch.preprocessing, size=int(saved["input_size"]))
+        names = saved.get("labels")
+        return LoadedModel(model, arch, f"{arch.label} from edgesqz train, {head.filters} classes",
+                           pre, Labels(tuple(names)) if names else None)
+    if resolved.kind != "torch":
+        raise EdgesqzError(f"{resolved.path}: convert takes a PyTorch .pth state_dict or a .keras model from "
+                           "edgesqz train; load .weights.h5 into SqueezeNet(...) and save it as .keras first")
 
-    from edgesqz.converters.torch_import import detect_version, load_state_dict, num_classes, state_dict_to_keras
+    from edgesqz.converters.torch_import import detect_or_explain, load_state_dict, state_dict_to_keras
 
     state = load_state_dict(resolved.path)
-    found = detect_version(state)
-    if found is None:
-        raise EdgesqzError(f"{resolved.path} is not a SqueezeNet state_dict (no features.0.weight of a known shape)")
-    if version and version != found:
-        # state_dict_to_keras words this error; call it with a model of the requested version
-        state_dict_to_keras(state, SqueezeNet(version, classifier_activation=None), version=version)
-    weight_classes = num_classes(state) or 1000
-    if classes is not None and classes != weight_classes:
-        raise EdgesqzError(
-            f"the labels have {classes} entries but the weights have {weight_classes} classes; pass the labels "
-            "file that belongs to these weights"
-        )
-    model = SqueezeNet(found, classes=weight_classes, classifier_activation=None)
-    state_dict_to_keras(state, model, version=found)
-    return model, found
+    detected = detect_or_explain(state, str(resolved.path))
+    _check_arch(detected.arch, wanted, "these weights")
+    # a variant the user named (e.g. the paper's simple bypass) has the same keys as its family
+    arch = wanted if wanted is not None and wanted.batch_norm == detected.arch.batch_norm else detected.arch
+    if classes is not None and classes != detected.classes:
+        raise EdgesqzError(f"the labels have {classes} entries but the weights have {detected.classes} classes; "
+                           "pass the labels file that belongs to these weights")
+    model = SqueezeNet(arch, classes=detected.classes, classifier_activation=None)
+    state_dict_to_keras(state, model, arch=arch)
+    return LoadedModel(model, arch, detected.describe())
 
 
-def _keras_labels(resolved: ResolvedWeights) -> Labels | None:
-    """Class names that ``edgesqz train`` stored inside a .keras model."""
-    if resolved.kind != "keras_model":
+def _floats(values: tuple[float, ...] | None, what: str) -> tuple[float, float, float] | None:
+    if values is None:
         return None
-    from edgesqz.train import read_labels
+    vals = tuple(float(v) for v in values)
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3 or not all(np.isfinite(vals)):
+        raise EdgesqzError(f"--{what} takes one number or three (R,G,B), got {values}")
+    if what == "std" and min(vals) <= 0:
+        raise EdgesqzError(f"--std values must be > 0, got {values}")
+    return vals  # type: ignore[return-value]
 
-    names = read_labels(resolved.path)
-    return Labels(tuple(names)) if names else None
+
+def preprocessing_for(opts: ConvertOptions, loaded: LoadedModel) -> Preprocessing:
+    """The model's preprocessing: what it was trained with (file, else layout defaults), then the options.
+
+    A model whose training size is known (a .keras from edgesqz train, or the CIFAR layout with its
+    CIFAR-100 normalisation) refuses an ``--input-size`` off by more than 2x: it would see every object
+    at a scale it never learned.
+    """
+    arch = loaded.arch
+    base = loaded.preprocessing or arch.preprocessing
+    mean, std = _floats(opts.mean, "mean"), _floats(opts.std, "std")
+    crop = base.crop_fraction if opts.crop_fraction is None else float(opts.crop_fraction)
+    if not 0.0 < crop <= 1.0:
+        raise EdgesqzError(f"--crop-fraction must be in (0, 1], got {opts.crop_fraction}")
+    size = base.size if opts.input_size is None else int(opts.input_size)
+    smallest = arch.min_input_size()
+    if size < smallest:
+        raise EdgesqzError(f"--input-size {size} is below {arch.label}'s minimum {smallest}")
+    known = loaded.preprocessing is not None or (arch.layout == "cifar" and mean is None and std is None)
+    if opts.input_size is not None and known and not base.size / 2 <= size <= base.size * 2:
+        how = ("retrain it at that size (edgesqz train --input-size)" if loaded.preprocessing is not None else
+               "if you trained it on other images, pass their size with --input-size and their normalisation "
+               "with --mean/--std")
+        raise EdgesqzError(f"--input-size {size} does not fit this {arch.label}: it was trained on "
+                           f"{base.size}x{base.size} images and would see everything {size / base.size:.3g}x larger; "
+                           f"leave --input-size out ({base.size}), or {how}")
+    return replace(base, size=size, crop_fraction=crop, mean=mean or base.mean, std=std or base.std)
 
 
 def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> ConvertResult:
@@ -170,14 +235,14 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         raise EdgesqzError("--via onnx2tf always folds the normalisation into the first convolution")
     if opts.max_drop is not None and not opts.check:
         raise EdgesqzError("--max-drop needs --check DIR (a labelled folder to measure the drop on)")
-    if opts.version is not None and opts.version not in ("1_0", "1_1"):
-        raise EdgesqzError(f"--version must be 1_0 or 1_1, not {opts.version!r}")
+    wanted = architecture(opts.arch) if opts.arch is not None else None
+    _floats(opts.mean, "mean"), _floats(opts.std, "std")
     labels = load_labels(opts.labels) if opts.labels else None
     if opts.check and not Path(opts.check).is_dir():
         raise EdgesqzError(f"--check {opts.check} is not a folder")
     if opts.output:
         _check_writable(Path(opts.output).expanduser(), opts.force)
-    resolved = resolve(opts.weights, opts.version or "1_1")
+    resolved = resolve(opts.weights, wanted or "1_1")
 
     quiet_tensorflow_env()
     log: list[str] = []
@@ -185,27 +250,24 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         import keras  # noqa: F401
     from edgesqz.converters.export import pixel_model, representative_dataset, to_tflite
     from edgesqz.modelinfo import graph_summary
-    from edgesqz.squeezenet import min_input_size
-
-    model, version = _load_keras_model(resolved, opts.version, len(labels) if labels else None)
-    if opts.input_size < min_input_size(version):
-        raise EdgesqzError(f"--input-size {opts.input_size} is below SqueezeNet {version}'s minimum "
-                           f"{min_input_size(version)}")
-    classes = model.get_layer("classifier.1").filters
+    loaded = _load_keras_model(resolved, opts.arch, len(labels) if labels else None)
+    model, arch = loaded.model, loaded.arch
+    pre = preprocessing_for(opts, loaded)
+    classes = model.get_layer(arch.naming.head("conv")).filters
     warnings: list[str] = []
     if labels is None:
-        labels = _keras_labels(resolved)
+        labels = loaded.labels
     if labels is None:
         labels = Labels.numbered(classes)
         warnings.append(f"no --labels given: the model's {classes} classes are named class_0.. ; pass --labels FILE")
     elif len(labels) != classes:
         raise EdgesqzError(f"the labels have {len(labels)} entries but the model has {classes} classes")
-    out_path = output_path(opts, version)
+    out_path = output_path(opts, arch)
     _check_writable(out_path, opts.force)
     check_files = labelled_files(opts.check, labels) if opts.check else None
 
-    pre = Preprocessing(size=opts.input_size)
-    float_model = pixel_model(model, size=opts.input_size, normalization=opts.normalization)  # type: ignore[arg-type]
+    float_model = pixel_model(model, size=pre.size, normalization=opts.normalization,  # type: ignore[arg-type]
+                              mean=pre.mean, std=pre.std, arch=arch)
 
     calibration: ImageSet | None = None
     if opts.fmt == "int8":
@@ -230,7 +292,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     try:
         if opts.via == "onnx2tf":
             # --ptq best hands the prepared weights (pixels in, rounded) to PyTorch -> ONNX -> onnx2tf
-            tflite = _via_onnx2tf(to_convert if improved else model, version, opts, calibration, out_path,
+            tflite = _via_onnx2tf(to_convert if improved else model, arch, pre, opts, calibration, out_path,
                                   prepared=improved)
         else:
             with captured_output(log):
@@ -249,12 +311,12 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         assert check_files is not None
         accuracy_block = _check(float_model, tflite, opts.check, check_files, labels, pre, calibration, progress)
 
-    info = _model_info(opts, version, pre, labels, resolved, calibration, accuracy_block, classes, improved)
+    info = _model_info(opts, arch, pre, labels, resolved, calibration, accuracy_block, classes, improved)
     from edgesqz.tflite_metadata import embed_metadata
 
     final = embed_metadata(
-        tflite, labels=list(labels.names), info=info, name=f"SqueezeNet {version.replace('_', '.')} ({opts.fmt})",
-        description=f"SqueezeNet {version.replace('_', '.')} image classifier, {opts.fmt}, RGB pixels in "
+        tflite, labels=list(labels.names), info=info, name=f"{arch.label} ({opts.fmt})",
+        description=f"{arch.label} image classifier, {opts.fmt}, {pre.size}x{pre.size} RGB pixels in "
                     "(normalisation inside the model); made by edgesqz",
         version=str(info["edgesqz_version"]), mean=[0.0], std=[1.0], input_min=0.0, input_max=255.0,
     )
@@ -262,7 +324,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     rep = report(
         "convert_report",
         model=str(out_path), route=opts.via, format=opts.fmt, io=opts.io if opts.fmt == "int8" else "float32",
-        architecture=f"squeezenet{version}", input_size=opts.input_size,
+        architecture=arch.name, input_size=pre.size, weights_found=loaded.found,
         size_bytes=len(final), size_bytes_without_metadata=len(tflite), graph=graph,
         source_weights=resolved.meta(), calibration=info.get("calibration"), accuracy=accuracy_block,
         warnings=warnings,
@@ -279,14 +341,14 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         )
     atomic_write(out_path, final, force=opts.force)
     if opts.edgetpu:
-        rep["edgetpu"] = _edgetpu(out_path, warnings)
+        rep["edgetpu"] = _edgetpu(out_path, warnings, force=opts.force)
     atomic_write(report_path, (json.dumps(rep, indent=2) + "\n").encode())
     if not opts.output:
         _point_latest(out_path)
-    return ConvertResult(out_path, report_path, rep, warnings)
+    return ConvertResult(out_path, report_path, rep, warnings, loaded.found)
 
 
-def _edgetpu(path: Path, warnings: list[str]) -> dict[str, Any]:
+def _edgetpu(path: Path, warnings: list[str], *, force: bool = False) -> dict[str, Any]:
     """Check the written model against the Edge TPU's rules; compile it when the compiler is installed."""
     import shutil
 
@@ -299,7 +361,7 @@ def _edgetpu(path: Path, warnings: list[str]) -> dict[str, Any]:
                            + "); model not written")
     result: dict[str, Any] = {"check": check.to_dict(), "compiled": None}
     if shutil.which("edgetpu_compiler"):
-        compiled = compile_model(path)
+        compiled = compile_model(path, force=force)
         result["compiled"] = {"model": str(compiled.output), "fully_mapped": compiled.fully_mapped,
                               "ops": compiled.rows}
     else:
@@ -308,22 +370,24 @@ def _edgetpu(path: Path, warnings: list[str]) -> dict[str, Any]:
     return result
 
 
-def _via_onnx2tf(model: Any, version: str, opts: ConvertOptions, calibration: ImageSet | None,
-                 out_path: Path, *, prepared: bool = False) -> bytes:
+def _via_onnx2tf(model: Any, arch: Architecture, pre: Preprocessing, opts: ConvertOptions,
+                 calibration: ImageSet | None, out_path: Path, *, prepared: bool = False) -> bytes:
     """The second route: the same weights through PyTorch -> ONNX -> onnx2tf; its log stays beside the model.
 
-    ``prepared``: ``model`` is :func:`~edgesqz.converters.quantize.prepare_int8`'s output (pixel input,
-    class-map head), exported as it is.
+    ``model`` is the float Keras model as loaded (PyTorch folds the normalisation itself), or with
+    ``prepared`` :func:`~edgesqz.converters.quantize.prepare_int8`'s output (pixel input, batch norms
+    folded, class-map head), exported as it is.
     """
     from edgesqz.converters.onnx_route import convert_via_onnx2tf
     from edgesqz.converters.torch_import import keras_to_state_dict
 
     log_path = out_path.with_suffix(".onnx2tf.log")
     with tempfile.TemporaryDirectory(prefix="edgesqz-onnx2tf-") as workdir:
-        return convert_via_onnx2tf(keras_to_state_dict(model), version=version, size=opts.input_size, fmt=opts.fmt,
+        return convert_via_onnx2tf(keras_to_state_dict(model), version=arch.variant(batch_norm=False) if prepared
+                                   else arch, size=pre.size, fmt=opts.fmt,
                                    calib_images=calibration.images if calibration is not None else None,
                                    io=opts.io, workdir=Path(workdir), log_path=log_path,
-                                   fold=not prepared, class_map=prepared)
+                                   fold=not prepared, class_map=prepared, mean=pre.mean, std=pre.std)
 
 
 def _check(float_model: Any, tflite: bytes, folder: str, lf: LabelledFiles, labels: Labels, pre: Preprocessing,
@@ -348,7 +412,7 @@ def _check(float_model: Any, tflite: bytes, folder: str, lf: LabelledFiles, labe
     return block
 
 
-def _model_info(opts: ConvertOptions, version: str, pre: Preprocessing, labels: Labels, resolved: ResolvedWeights,
+def _model_info(opts: ConvertOptions, arch: Architecture, pre: Preprocessing, labels: Labels, resolved: ResolvedWeights,
                 calibration: ImageSet | None, accuracy_block: dict[str, Any] | None, classes: int,
                 improved: bool) -> dict[str, Any]:
     from edgesqz import __version__
@@ -357,9 +421,10 @@ def _model_info(opts: ConvertOptions, version: str, pre: Preprocessing, labels: 
     info: dict[str, Any] = {
         "schema": "edgesqz.model/1",
         "task": "image_classification",
-        "architecture": f"squeezenet{version}",
+        "architecture": arch.name,
+        "network": arch.to_dict(),  # the whole description (edgesqz.architecture), so the file says what it is
         "format": opts.fmt,
-        "input": {"size": opts.input_size, "layout": "NHWC", "color_order": "RGB", "range": [0, 255],
+        "input": {"size": pre.size, "layout": "NHWC", "color_order": "RGB", "range": [0, 255],
                   "dtype": in_dtype, "normalization": "inside"},
         "preprocessing": pre.to_dict(),
         # the improved int8 model leaves the final average pool to the device (finer than int8 logits)

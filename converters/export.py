@@ -8,25 +8,32 @@ Formats:
 - ``int8``: full integer. int8 (or uint8) input and output, only int8/int32 tensors inside,
   static batch 1, calibrated on real images: what the Edge TPU compiler accepts.
 
-The ImageNet mean/std go into the model in one of two places (``normalization``):
+The training normalisation ``(pixel / 255 - mean) / std`` goes into the model in one of two places
+(``normalization``):
 
-- ``"fold"`` (default): into the first convolution's weights and bias. SqueezeNet's first conv
-  has no padding, so every output sees only real pixels and the fold is exact:
-  ``w' = w / (255 std_c)``, ``b' = b - sum(w * mean_c / std_c)``. No extra op on the device.
+- ``"fold"`` (default): into the stem convolution's weights. Without padding (torchvision's
+  stems) every output sees only real pixels and the whole fold is exact:
+  ``w' = w / (255 std_c)``, ``b' = b - sum(w * mean_c / std_c)``, no extra op on the device.
+  A padded stem (the CIFAR network's) pads the *normalised* image with zeros, i.e. with the
+  pixel value ``255 mean_c``; there the model first subtracts ``255 mean_c`` per channel (one ADD
+  of a 3-value constant, the ``center`` layer) and the stem takes ``w' = w / (255 std_c)`` with its
+  bias unchanged, which is exact at the borders too.
 - ``"layer"``: a separate ``(x / 255 - mean) / std`` layer in front of the network.
+
+Batch norm is folded into the convolution before it (exact up to float rounding).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Literal
 
 import keras
 import numpy as np
 
+from edgesqz.architecture import Architecture
 from edgesqz.converters import FORMATS
 from edgesqz.errors import EdgesqzError
-from edgesqz.imaging import IMAGENET_MEAN, IMAGENET_STD
 
 Format = Literal["float32", "float16", "dynamic", "int8"]
 Normalization = Literal["fold", "layer"]
@@ -37,66 +44,80 @@ def pixel_model(
     *,
     size: int,
     normalization: Normalization = "fold",
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
     head: Literal["logits", "softmax"] = "logits",
+    arch: Architecture | None = None,
 ) -> keras.Model:
     """Rebuild ``model`` (a SqueezeNet with a top) for batch-1 ``size`` x ``size`` RGB pixel input.
 
     The result is inference-only (dropout removed, batch norms folded into their convolutions)
-    and shares no variables with ``model``. Bypass variants keep their shortcuts.
+    and shares no variables with ``model``; bypasses stay. ``mean``/``std`` default to the
+    architecture's training preprocessing (``arch``: default, the one ``model`` was built from).
     """
-    from edgesqz.squeezenet import SqueezeNet
+    from edgesqz.squeezenet import SqueezeNet, architecture_of
 
-    version = _version_of(model)
-    classes = model.get_layer("classifier.1").filters
+    arch = arch or architecture_of(model)
+    mean_a = np.asarray(arch.preprocessing.mean if mean is None else mean, np.float64)
+    std_a = np.asarray(arch.preprocessing.std if std is None else std, np.float64)
+    if mean_a.shape != (3,) or std_a.shape != (3,) or np.any(std_a <= 0):
+        raise EdgesqzError(f"mean and std need 3 values each, std > 0 (got {mean_a.tolist()} and {std_a.tolist()})")
+    head_name = arch.naming.head("conv")
+    classes = model.get_layer(head_name).filters
     inputs = keras.Input(shape=(size, size, 3), batch_size=1, name="image", dtype="float32")
     x = inputs
+    fold = normalization == "fold"
     if normalization == "layer":
-        mean_a = np.asarray(mean, np.float32)
-        std_a = np.asarray(std, np.float32)
-        x = keras.layers.Rescaling(1.0 / (255.0 * std_a), offset=-mean_a / std_a, name="normalize")(x)
-    elif normalization != "fold":
+        x = keras.layers.Rescaling((1.0 / (255.0 * std_a)).astype(np.float32),
+                                   offset=(-mean_a / std_a).astype(np.float32), name="normalize")(x)
+    elif not fold:
         raise EdgesqzError(f"normalization must be 'fold' or 'layer', not {normalization!r}")
-    names = {layer.name for layer in model.layers}
-    bypass = ("complex" if any(n.endswith(".bypass") for n in names)
-              else "simple" if any(n.endswith(".bypass_add") for n in names) else None)
-    body = SqueezeNet(version, input_tensor=x, classes=classes, classifier_activation=None, dropout=0.0,
-                      bypass=bypass)
+    elif not arch.is_exact_fold():
+        x = keras.layers.Rescaling(1.0, offset=(-255.0 * mean_a).astype(np.float32), name="center")(x)
+    body = SqueezeNet(arch.variant(batch_norm=False), input_tensor=x, classes=classes, classifier_activation=None,
+                      dropout=0.0)
+    bn_after = _batch_norm_after(model)
     for layer in body.layers:
         if layer.weights:
-            layer.set_weights(_folded_weights(model, layer.name, names))
-    if normalization == "fold":
-        first = body.get_layer("features.0")
+            layer.set_weights(_folded_weights(model.get_layer(layer.name), bn_after.get(layer.name)))
+    if fold:
+        first = body.get_layer(arch.naming.stem("conv"))
         kernel, bias = first.get_weights()  # HWIO
-        mean_a = np.asarray(mean, np.float64)
-        std_a = np.asarray(std, np.float64)
         k64 = kernel.astype(np.float64)
         new_kernel = k64 / (255.0 * std_a)[None, None, :, None]
-        new_bias = bias.astype(np.float64) - np.einsum("hwio,i->o", k64, mean_a / std_a)
+        new_bias = bias.astype(np.float64)
+        if arch.is_exact_fold():
+            new_bias = new_bias - np.einsum("hwio,i->o", k64, mean_a / std_a)
         first.set_weights([new_kernel.astype(np.float32), new_bias.astype(np.float32)])
     y = body.output
     if head == "softmax":
         y = keras.layers.Softmax(name="probabilities")(y)
-    return keras.Model(inputs, y, name=f"{model.name}_pixels")
+    out = keras.Model(inputs, y, name=f"{arch.variant(batch_norm=False).name}_pixels")
+    out._edgesqz_architecture = arch.variant(batch_norm=False)
+    return out
 
 
-def _folded_weights(model: keras.Model, name: str, names: set[str]) -> list[np.ndarray]:
-    """Weights of layer ``name``; a conv followed by BatchNormalization (``name_bn``) gets the BN folded in."""
-    layer = model.get_layer(name)
-    if f"{name}_bn" not in names:
+def _batch_norm_after(model: keras.Model) -> dict[str, keras.layers.Layer]:
+    """Conv layer name -> the BatchNormalization that reads its output."""
+    found = {}
+    for layer in model.layers:
+        if type(layer).__name__ == "BatchNormalization":
+            producer = layer.input._keras_history.operation
+            if type(producer).__name__ == "Conv2D":
+                found[producer.name] = layer
+    return found
+
+
+def _folded_weights(layer: keras.layers.Layer, bn: keras.layers.Layer | None) -> list[np.ndarray]:
+    """A layer's weights; a conv followed by batch norm gets the norm folded in (float64 maths)."""
+    if bn is None:
         return layer.get_weights()
-    kernel = layer.get_weights()[0].astype(np.float64)
-    bn = model.get_layer(f"{name}_bn")
+    weights = layer.get_weights()
+    kernel = weights[0].astype(np.float64)
     gamma, beta, mean, var = (w.astype(np.float64) for w in bn.get_weights())
     scale = gamma / np.sqrt(var + bn.epsilon)
-    bias = layer.get_weights()[1].astype(np.float64) if layer.use_bias else np.zeros_like(beta)
+    bias = weights[1].astype(np.float64) if layer.use_bias else np.zeros_like(beta)
     return [(kernel * scale).astype(np.float32), ((bias - mean) * scale + beta).astype(np.float32)]
-
-
-def _version_of(model: keras.Model) -> str:
-    kernel = model.get_layer("features.0").kernel
-    return "1_0" if kernel.shape[0] == 7 else "1_1"
 
 
 def to_tflite(

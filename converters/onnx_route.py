@@ -38,12 +38,13 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from edgesqz.architecture import Architecture, architecture
 from edgesqz.converters import FORMATS
 from edgesqz.errors import EdgesqzError
 
@@ -261,13 +262,16 @@ def _check_float32(model: bytes, torch_model: Any, probes: np.ndarray, log_path:
     return relative
 
 
-def convert_via_onnx2tf(state: Mapping[str, np.ndarray], *, version: str, size: int, fmt: str,
+def convert_via_onnx2tf(state: Mapping[str, np.ndarray], *, version: str | Architecture, size: int, fmt: str,
                         calib_images: np.ndarray | None, io: str = "int8",
                         workdir: Path, log_path: Path, timeout: float = TIMEOUT_S,
-                        fold: bool = True, class_map: bool = False) -> bytes:
+                        fold: bool = True, class_map: bool = False, mean: Sequence[float] | None = None,
+                        std: Sequence[float] | None = None) -> bytes:
     """fmt in {"float32","float16","dynamic","int8"}; returns the .tflite bytes (no metadata; the lead embeds it).
 
-    ``state`` is a torchvision SqueezeNet state_dict as numpy arrays (``torch_import.load_state_dict``),
+    ``state`` is a SqueezeNet state_dict of ``version``'s layout as numpy arrays
+    (``torch_import.load_state_dict``), ``mean``/``std`` the training normalisation (default: the
+    architecture's),
     ``calib_images`` uint8 RGB (N, size, size, 3) preprocessed like inference (needed for int8 only).
     ``fold=False`` when ``state`` already takes pixels (the normalisation folded in, as in the weights
     :func:`edgesqz.converters.quantize.prepare_int8` returns); ``class_map=True`` exports the class
@@ -285,26 +289,22 @@ def convert_via_onnx2tf(state: Mapping[str, np.ndarray], *, version: str, size: 
         import torch
     except ImportError as exc:  # pragma: no cover - depends on the install
         raise EdgesqzError(f"the onnx2tf route needs PyTorch: {INSTALL_HINT}") from exc
-    from edgesqz.converters.torch_import import detect_version
     from edgesqz.converters.torch_model import pixel_squeezenet
 
-    found = detect_version(state)
-    if found is not None and found != version:
-        raise EdgesqzError(f"these weights are for SqueezeNet {found.replace('_', '.')}, not "
-                           f"{version.replace('_', '.')}: pass --version {found}")
-    model = pixel_squeezenet(state, version=version, fold=fold, class_map=class_map)
-    classes = int(state["classifier.1.weight"].shape[0])
+    arch = architecture(version)
+    model = pixel_squeezenet(state, version=arch, fold=fold, class_map=class_map, mean=mean, std=std)
+    classes = model.net.num_classes
     try:
         with torch.no_grad():
             probe = model(torch.zeros(1, 3, size, size))
     except RuntimeError as exc:
-        raise EdgesqzError(f"input size {size} is too small for SqueezeNet {version.replace('_', '.')}") from exc
+        raise EdgesqzError(f"input size {size} is too small for {arch.label}") from exc
 
     workdir = Path(workdir)
     log_path = Path(log_path)
     workdir.mkdir(parents=True, exist_ok=True)
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    log_path.write_text(f"edgesqz onnx2tf route: SqueezeNet {version}, {fmt}, {size}x{size}, "
+    log_path.write_text(f"edgesqz onnx2tf route: {arch.name}, {fmt}, {size}x{size}, "
                         f"{time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
     onnx_path = workdir / "model.onnx"
     try:

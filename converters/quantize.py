@@ -58,7 +58,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
@@ -79,16 +78,16 @@ EqualizeMethod = Literal["weights", "activations"]
 def class_map_model(model: keras.Model) -> keras.Model:
     """``model`` (a SqueezeNet pixel model) without its final global average pool.
 
-    Output: the ReLU'd class map ``classifier.2`` (1, N, N, classes); its spatial mean is the
-    original model's logits. Shares layers (and weights) with ``model``.
+    Output: the class map (1, N, N, classes) that the pool averages (after the head's ReLU where
+    the architecture has one); its spatial mean is the original model's logits. Shares layers
+    (and weights) with ``model``.
     """
     import keras
 
-    try:
-        class_map = model.get_layer("classifier.2").output
-    except ValueError as err:
-        raise EdgesqzError("class_map_model needs a SqueezeNet with its classifier (classifier.2)") from err
-    return keras.Model(model.inputs, class_map, name=f"{model.name}_class_map")
+    pools = [layer for layer in model.layers if type(layer).__name__ == "GlobalAveragePooling2D"]
+    if not pools:
+        raise EdgesqzError("class_map_model needs a SqueezeNet with its classifier (a global average pool)")
+    return keras.Model(model.inputs, pools[-1].input, name=f"{model.name}_class_map")
 
 
 def pool_class_map(out: np.ndarray, scale: float = 1.0, zero_point: int = 0) -> np.ndarray:
@@ -114,40 +113,97 @@ class ScalePair:
     """Channels that can be rescaled together.
 
     ``producers`` are convolutions whose output channels, concatenated in this order, form the
-    tensor that every convolution in ``consumers`` reads (through ReLU / max-pool only).
+    tensor that every convolution in ``consumers`` reads (through ReLU, max-pool, zero padding and
+    inference-time dropout only, all of which commute with a positive per-channel scale);
+    ``activations`` are the ReLU layers right after the producers.
     """
 
     producers: tuple[str, ...]
     consumers: tuple[str, ...]
+    activations: tuple[str, ...] = ()
+
+
+_PASS_THROUGH = ("MaxPooling2D", "ZeroPadding2D", "Dropout")
+
+
+def _producers(layer: keras.layers.Layer) -> list[keras.layers.Layer]:
+    if type(layer).__name__ == "InputLayer":
+        return []
+    tensors = layer.input if isinstance(layer.input, list | tuple) else [layer.input]
+    return [t._keras_history.operation for t in tensors]
+
+
+def _consumers(model: keras.Model) -> dict[str, list[keras.layers.Layer]]:
+    table: dict[str, list[keras.layers.Layer]] = {}
+    for layer in model.layers:
+        for producer in _producers(layer):
+            table.setdefault(producer.name, []).append(layer)
+    return table
 
 
 def can_equalize(model: keras.Model) -> bool:
-    """Whether :func:`equalize` applies: no bypass (Add) and no unfolded BatchNormalization layers."""
-    return not any(type(layer).__name__ in ("BatchNormalization", "Add") for layer in model.layers)
+    """Whether :func:`equalize` applies: batch norms folded, and at least one producer/consumer pair."""
+    return not any(type(layer).__name__ == "BatchNormalization" for layer in model.layers) and bool(scale_pairs(model))
 
 
 def scale_pairs(model: keras.Model) -> list[ScalePair]:
-    """The producer/consumer pairs of a plain SqueezeNet (1.0 or 1.1; batch norms folded, no bypass)."""
-    if not can_equalize(model):
-        raise EdgesqzError("equalisation supports SqueezeNet without bypass, with batch norms folded "
-                           "(use export.pixel_model)")
-    names = {layer.name for layer in model.layers}
-    blocks: list[tuple[tuple[str, ...], tuple[str, ...]]] = []  # (outputs, inputs) of conv / fire in order
+    """Every producer/consumer pair of a SqueezeNet (batch norms folded), found from the graph.
+
+    A tensor qualifies when it is a convolution's ReLU output (or a channel concatenation of such
+    outputs, a Fire module's) and every path from it reaches only convolutions, through the layers
+    that commute with per-channel scaling. A tensor that also feeds a bypass Add, the model's output
+    or the final pool does not qualify, so bypass variants keep their shortcuts exact.
+    """
+    if any(type(layer).__name__ == "BatchNormalization" for layer in model.layers):
+        raise EdgesqzError("equalisation needs batch norms folded into the convolutions (use export.pixel_model)")
+    consumers = _consumers(model)
+    outputs = {t._keras_history.operation.name for t in model.outputs}
+
+    def reach(layer: keras.layers.Layer) -> list[keras.layers.Layer] | None:
+        """The convolutions that read ``layer``'s output, or None if anything else does."""
+        if layer.name in outputs or not consumers.get(layer.name):
+            return None
+        found: list[keras.layers.Layer] = []
+        for c in consumers[layer.name]:
+            kind = type(c).__name__
+            if kind == "Conv2D":
+                found.append(c)
+            elif kind in _PASS_THROUGH:
+                below = reach(c)
+                if below is None:
+                    return None
+                found += below
+            else:
+                return None
+        return found
+
+    def conv_relu(layer: keras.layers.Layer) -> keras.layers.Layer | None:
+        """The Conv2D right before a ReLU layer (None if there is none)."""
+        if type(layer).__name__ != "ReLU" or layer.max_value is not None or layer.negative_slope:
+            return None
+        (producer,) = _producers(layer)
+        return producer if type(producer).__name__ == "Conv2D" else None
+
+    pairs: list[ScalePair] = []
+    done: set[str] = set()
     for layer in model.layers:
-        name = layer.name
-        if name == "features.0" or name == "classifier.1":
-            blocks.append(((name,), (name,)))
-        elif name.endswith(".squeeze") and f"{name[:-8]}.expand1x1" in names:
-            fire = name[: -len(".squeeze")]
-            blocks.append(((f"{fire}.expand1x1", f"{fire}.expand3x3"), (name,)))
-    if not blocks or blocks[0][0] != ("features.0",):
-        raise EdgesqzError("not a SqueezeNet: no features.0 convolution")
-    pairs = [ScalePair(outputs, inputs) for (outputs, _), (_, inputs) in pairwise(blocks)]
-    for _, inputs in blocks:
-        name = inputs[0]
-        if name.endswith(".squeeze"):
-            fire = name[: -len(".squeeze")]
-            pairs.append(ScalePair((name,), (f"{fire}.expand1x1", f"{fire}.expand3x3")))
+        if conv_relu(layer) is None:
+            continue
+        group, tensor = [layer], layer
+        after = consumers.get(layer.name, [])
+        if len(after) == 1 and type(after[0]).__name__ == "Concatenate":
+            concat = after[0]
+            members = _producers(concat)
+            if concat.name in done or concat.axis not in (-1, 3) or not all(
+                    conv_relu(m) is not None and len(consumers.get(m.name, [])) == 1 for m in members):
+                continue
+            done.add(concat.name)
+            group, tensor = members, concat
+        targets = reach(tensor)
+        if targets:
+            names = list(dict.fromkeys(t.name for t in targets))
+            pairs.append(ScalePair(tuple(conv_relu(m).name for m in group), tuple(names),  # type: ignore[union-attr]
+                                   tuple(m.name for m in group)))
     return pairs
 
 
@@ -189,10 +245,7 @@ def activation_ranges(model: keras.Model, images: np.ndarray, pairs: Sequence[Sc
     """Per pair, the per-channel maximum of its (post-ReLU) activation over ``images`` (uint8 pixels)."""
     import keras
 
-    outputs = []
-    for pair in pairs:
-        for name in pair.producers:
-            outputs.append(model.get_layer(_relu_after(name)).output)
+    outputs = [model.get_layer(name).output for pair in pairs for name in pair.activations]
     probe = keras.Model(model.inputs, outputs)
     maxima = [np.zeros(t.shape[-1], np.float64) for t in outputs]
     for start in range(0, len(images), 16):
@@ -214,13 +267,6 @@ def _run(probe: keras.Model, batch: np.ndarray) -> list[np.ndarray]:
     """
     out = probe([batch], training=False)
     return [np.asarray(y) for y in (out if isinstance(out, list | tuple) else [out])]
-
-
-def _relu_after(conv: str) -> str:
-    """Name of the ReLU layer that follows a SqueezeNet convolution (torchvision numbering)."""
-    if conv.startswith("features.") and conv.count(".") == 1:
-        return f"features.{int(conv.split('.')[1]) + 1}"
-    return f"{conv}_activation"
 
 
 def equalize(
@@ -518,7 +564,7 @@ def round_weights(model: keras.Model, calib_images: np.ndarray, *, damp: float =
 def prepare_int8(model: keras.Model, calib_images: np.ndarray) -> keras.Model:
     """The recommended float model to give the int8 converter (calibrate it on ``calib_images``).
 
-    Activation equalisation (skipped for bypass variants, see :func:`can_equalize`), then
+    Activation equalisation (of every pair :func:`scale_pairs` finds), then
     error-compensating weight rounding, then the class-map head (the device turns the int8 class
     map into logits with :func:`pool_class_map`).
     """

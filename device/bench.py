@@ -14,6 +14,7 @@ No TensorFlow, no PyTorch.
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import time
@@ -25,7 +26,14 @@ from typing import Any
 import numpy as np
 
 from edgesqz import sysinfo
-from edgesqz.device.runtime import Backend, Coverage, check_model_file, delegate_coverage, make_interpreter
+from edgesqz.device.runtime import (
+    Backend,
+    Coverage,
+    check_model_file,
+    check_threads,
+    delegate_coverage,
+    make_interpreter,
+)
 from edgesqz.errors import EdgesqzError
 from edgesqz.schema import report
 
@@ -38,8 +46,10 @@ def parse_threads(text: str) -> list[int]:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError as exc:
         raise EdgesqzError(f"--threads takes numbers like 1,2,4, not {text!r}") from exc
-    if not values or any(v < 1 for v in values):
-        raise EdgesqzError(f"--threads must be >= 1, got {text!r}")
+    if not values:
+        raise EdgesqzError(f"--threads takes numbers like 1,2,4, not {text!r}")
+    for v in values:
+        check_threads(v)
     return values
 
 
@@ -74,7 +84,8 @@ class _Target:
 
         t0 = time.perf_counter()
         with captured_output([]):  # the runtime's one-off XNNPACK banner
-            self.interpreter, self.backend = make_interpreter(self.data, threads=self.threads, delegate=delegate)
+            self.interpreter, self.backend = make_interpreter(self.data, threads=self.threads, delegate=delegate,
+                                                              src=f"model {self.path}")
         t1 = time.perf_counter()
         inp = self.interpreter.get_input_details()[0]
         rng = np.random.default_rng(0)
@@ -99,8 +110,8 @@ def bench_models(models: Sequence[str | os.PathLike[str]], *, threads: Sequence[
                  runs: int | None = 100, duration: float | None = None, delegate: str | None = None,
                  progress: Callable[[str, int], Advance] | None = None) -> list[dict[str, Any]]:
     """One result row per (model, thread count); models interleaved within each thread count."""
-    if warmup < 0 or (runs is not None and runs < 1) or (duration is not None and duration <= 0):
-        raise EdgesqzError("--warmup must be >= 0, --runs >= 1 and --duration > 0")
+    if warmup < 0 or (runs is not None and runs < 1) or (duration is not None and not 0 < duration < math.inf):
+        raise EdgesqzError("--warmup must be >= 0, --runs >= 1 and --duration a number of seconds > 0")
     blobs = {str(m): check_model_file(m) for m in models}
     rows = []
     for n in threads:
@@ -186,17 +197,22 @@ CSV_COLUMNS = ("model", "threads", "delegate", "backend", "size_bytes", "create_
                "min_ms", "mean_ms", "std_ms", "p50_ms", "p90_ms", "p99_ms", "fps", "delegated_ops", "total_ops")
 
 
-def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
+def write_csv(rows: list[dict[str, Any]], path: str | os.PathLike[str], *, force: bool = True) -> None:
+    """One row per (model, thread count), written whole or not at all."""
     import csv
+    import io
 
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({"model": r["model"], "threads": r["threads"], "delegate": r["delegate"] or "",
-                             "backend": r["backend"], "size_bytes": r["size_bytes"], **r["cold"],
-                             **{k: v for k, v in r["latency"].items()},
-                             "delegated_ops": r["coverage"]["delegated_ops"], "total_ops": r["coverage"]["total_ops"]})
+    from edgesqz.fileio import atomic_write
+
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_COLUMNS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({"model": r["model"], "threads": r["threads"], "delegate": r["delegate"] or "",
+                         "backend": r["backend"], "size_bytes": r["size_bytes"], **r["cold"],
+                         **{k: v for k, v in r["latency"].items()},
+                         "delegated_ops": r["coverage"]["delegated_ops"], "total_ops": r["coverage"]["total_ops"]})
+    atomic_write(path, text.getvalue(), force=force)
 
 
 def require_matplotlib() -> None:
@@ -204,8 +220,8 @@ def require_matplotlib() -> None:
         raise EdgesqzError('--plot needs matplotlib: pip install "edgesqz[plot]"')
 
 
-def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
-    """Latency distribution per (model, threads) as box plots (needs matplotlib)."""
+def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str], *, force: bool = True) -> None:
+    """Latency distribution per (model, threads) as box plots (needs matplotlib), written atomically."""
     require_matplotlib()
     import matplotlib
 
@@ -219,5 +235,13 @@ def plot(rows: list[dict[str, Any]], path: str | os.PathLike[str]) -> None:
     ax.set_title("edgesqz bench: steady-state latency")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from edgesqz.fileio import atomic_file, os_error
+
+    try:
+        with atomic_file(path, force=force) as tmp:
+            try:
+                fig.savefig(tmp, dpi=120)
+            except OSError as exc:
+                raise os_error(path, exc) from exc
+    finally:
+        plt.close(fig)

@@ -313,7 +313,7 @@ class Classifier:
         self.top_k_default = top_k
         self.threshold = threshold
         data = check_model_file(model_path)  # also validates the flatbuffer before native code sees it
-        self.metadata = read_metadata(data)
+        self.metadata = read_metadata(data, src=f"model {src}")
         info = self.metadata.info
         task = info.get("task")
         if task not in (None, "image_classification"):
@@ -322,7 +322,7 @@ class Classifier:
         self.delegate = delegate
         with native_stderr() as native:  # LiteRT's "INFO: Created ... XNNPACK delegate" and error echoes
             self.interpreter, self.backend = make_interpreter(
-                data, threads=self.threads, delegate=delegate, backend=backend, xnnpack=xnnpack)
+                data, threads=self.threads, delegate=delegate, backend=backend, xnnpack=xnnpack, src=f"model {src}")
         for line in native:
             if not line.startswith("INFO:"):
                 log.warning("%s", line)
@@ -406,6 +406,9 @@ class Classifier:
         raw = self.interpreter.get_tensor(self._output["index"])
         t1 = time.perf_counter()
         scores = scores_from_output(dequantize(raw, self._output), self.output_kind)
+        if not np.isfinite(scores).all():
+            raise EdgesqzError(f"model {self.model_path} computes NaN or infinite scores (its weights are NaN or "
+                               "infinite, or overflow): convert it again from good weights")
         t2 = time.perf_counter()
         return Scores(scores, {"inference": (t1 - t0) * 1e3, "postprocess": (t2 - t1) * 1e3})
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,13 @@ SERVE_PANEL = "Live web preview"
 
 
 def _info(message: str) -> None:
-    typer.echo(message, err=True)
+    _say(message, None)
+
+
+def _say(message: str, colour: str | None = typer.colors.RED) -> None:
+    """A line on stderr; nothing when stderr is gone (the terminal of a dropped SSH session)."""
+    with contextlib.suppress(OSError):
+        typer.secho(message, err=True, fg=colour)
 
 
 def _errors_as_one_line(func: F) -> F:
@@ -38,13 +45,18 @@ def _errors_as_one_line(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except EdgesqzError as exc:
-            typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+            if exc.exit_code:  # 0: stdout's reader went away (`| head`), nothing to say
+                _say(f"error: {exc}")
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:  # a second Ctrl-C during a run
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+class NoModelError(EdgesqzError):
+    """No ``--model`` and no default model at all (as opposed to a default model that is broken)."""
 
 
 def resolve_model(model: Path | None) -> Path:
@@ -56,7 +68,12 @@ def resolve_model(model: Path | None) -> Path:
     path = default_model_path()
     if path.exists():
         return path
-    raise EdgesqzError(f"no --model given and no converted model at {path}; make one with `{CONVERT_HINT}` "
+    if path.is_symlink():
+        import os
+
+        raise EdgesqzError(f"the default model {path} links to {os.readlink(path)}, which does not exist; make a new "
+                           f"one with `{CONVERT_HINT}`, or pass --model FILE.tflite")
+    raise NoModelError(f"no --model given and no converted model at {path}; make one with `{CONVERT_HINT}` "
                        "(it is written there), or pass --model FILE.tflite")
 
 
@@ -64,9 +81,12 @@ def _floats(value: str | None, name: str) -> list[float] | None:
     if value is None:
         return None
     try:
-        return [float(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError as exc:
-        raise EdgesqzError(f"{name} takes one number or three separated by commas, not {value!r}") from exc
+        values = [float(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise EdgesqzError(f"{name} takes one number or three separated by commas, not {value!r}")
+    return values
 
 
 def _classifier(model: Path | None, *, threads: int | None, delegate: str | None, top_k: int, threshold: float,
@@ -144,9 +164,18 @@ def run(
     json_lines: Annotated[bool, typer.Option(
         "--json", help="One JSON object per frame on stdout, then the run summary.")] = False,
     output: Annotated[Path | None, typer.Option(
-        "--output", "-o", help="Write the JSON lines (and the summary) to this .jsonl file.")] = None,
+        "--output", "-o", help="Write the JSON lines (and the summary) to this .jsonl file, as they come.")] = None,
     record: Annotated[Path | None, typer.Option(
-        "--record", help="Write the annotated frames to this video (.mp4 or .avi).")] = None,
+        "--record", help="Write the annotated frames to this video (.mp4 or .avi); it appears when the run "
+                         "ends.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Replace existing --output / --record files.")] = False,
+    reconnect: Annotated[str, typer.Option(
+        "--reconnect", metavar="N|TIME|forever",
+        help="When a camera or stream disappears, reopen it with back-off: N times (0: never), for a time "
+             "(90s, 10m, 2h) or forever.")] = "5",
+    loop: Annotated[bool, typer.Option(
+        "--loop", help="Play a video file again and again (with --fps: an endless camera rehearsal).")] = False,
     no_display: Annotated[bool, typer.Option(
         "--no-display", help="Never open a window (headless is automatic without a display).")] = False,
     serve: Annotated[str | None, typer.Option(
@@ -176,16 +205,26 @@ def run(
         WindowSink,
         display_status,
     )
-    from edgesqz.device.sources import open_source
+    from edgesqz.device.sources import open_source, parse_reconnect
+    from edgesqz.fileio import check_distinct, check_output
 
+    retry = parse_reconnect(reconnect)
+    model = resolve_model(model)
+    # Outputs are checked before anything is opened: never an input, never an existing file without --force.
+    inputs = [("--model", model), ("--source", source), ("--labels", labels)]
+    check_distinct([("--output", output), ("--record", record)])
     sinks: list[Sink] = []
     if record is not None:
-        sinks.append(VideoRecordSink(record))  # checks the path before anything is opened
+        sinks.append(VideoRecordSink(record, force=force, inputs=inputs))
+    if output is not None:
+        output = check_output(output, force=force, what="--output", option="--output", inputs=inputs,
+                              create_parents=False)
     with contextlib.ExitStack() as undo:  # closes what was opened when setting up fails; then the pipeline does
         server = _serve_sink(serve, token, max_viewers)
         if server is not None:
             undo.callback(server.close)
-        frame_source = open_source(camera=camera, source=source, width=width, height=height, fps=fps)
+        frame_source = open_source(camera=camera, source=source, width=width, height=height, fps=fps, retry=retry,
+                                   loop=loop)
         frame_source.open()  # a missing camera or an unreadable video fails here, before the model loads
         undo.callback(frame_source.close)
         classifier = _classifier(model, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
@@ -200,7 +239,7 @@ def run(
         if json_lines:
             sinks.append(JsonLinesSink(sys.stdout))
         if output is not None:
-            sinks.append(JsonLinesSink(output))
+            sinks.append(JsonLinesSink(output, force=force))
         if server is not None:
             sinks.append(server)
         elif not json_lines and not window:
@@ -214,15 +253,18 @@ def run(
     _info(f"source: {frame_source.description}" + (f" ({', '.join(d for d in details if d)})" if any(details) else ""))
     if (width or height) and not frame_source.live:
         _info("note: --width/--height are requests to a camera; files are read at their own size")
+    recorder = next((sink for sink in sinks if isinstance(sink, VideoRecordSink)), None)
     try:
         summary = pipeline.run()
     except EdgesqzError:
         if pipeline.summary.frames:  # e.g. the camera went away after a while: still say what was done
             _info(pipeline.summary.describe())
+            if recorder is not None and recorder.saved:
+                _info(f"recorded {record} ({recorder.frames} frames before the error)")
         raise
     _info(summary.describe())
-    if record is not None:
-        _info(f"recorded {record}")
+    if recorder is not None:
+        _info(f"recorded {record} ({recorder.frames} frames)" if recorder.saved else "nothing recorded (no frames)")
 
 
 @_errors_as_one_line

@@ -3,13 +3,15 @@
 ``Pipeline(source, classifier, sinks).run()`` is all ``edgesqz run`` does. The source's reader
 thread decodes and prepares frame N+1 while the interpreter runs on frame N; the main thread
 only sets the input tensor, invokes, post-processes and hands the :class:`Result` to each sink.
-SIGINT and SIGTERM stop the loop cleanly (a second SIGINT interrupts at once); the sinks then
-receive the :class:`Summary`.
+SIGINT, SIGTERM and SIGHUP (a dropped SSH session) stop the loop cleanly (a second SIGINT
+interrupts at once); the sinks then receive the :class:`Summary`, so JSON lines end with it and a
+recording is finalised. A SIGHUP that is ignored (``nohup``) stays ignored.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import signal
 import threading
 import time
@@ -23,7 +25,7 @@ from edgesqz.device.sinks import Sink
 from edgesqz.device.sources import FrameSource
 from edgesqz.errors import EdgesqzError
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Pipeline:
@@ -50,8 +52,8 @@ class Pipeline:
     ) -> None:
         if max_frames is not None and max_frames < 1:
             raise EdgesqzError(f"--max-frames must be >= 1, got {max_frames}")
-        if duration is not None and duration <= 0:
-            raise EdgesqzError(f"--duration must be > 0 seconds, got {duration}")
+        if duration is not None and not (math.isfinite(duration) and duration > 0):
+            raise EdgesqzError(f"--duration must be a number of seconds > 0, got {duration}")
         if top_k is not None and top_k < 1:
             raise EdgesqzError(f"--top-k must be >= 1, got {top_k}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
@@ -98,6 +100,8 @@ class Pipeline:
                             self.stop(next(s.stop_reason for s in opened if s.stop_requested))
                 ok = True
             finally:
+                if not ok and self._stop_reason is None:
+                    self.summary.stopped_by = "error"
                 errors = []
                 for sink in opened:
                     try:
@@ -179,7 +183,7 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
-        """SIGINT/SIGTERM -> stop after the current frame; a second SIGINT interrupts at once."""
+        """SIGINT/SIGTERM/SIGHUP -> stop after the current frame; a second SIGINT interrupts at once."""
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -190,7 +194,8 @@ class Pipeline:
                 raise KeyboardInterrupt
             self.stop(name)
 
-        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+        previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS
+                    if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)}  # nohup
         try:
             yield
         finally:

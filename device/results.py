@@ -49,7 +49,7 @@ class Result:
 class LatencyStats:
     """Latency samples (ms) for percentiles; a uniform reservoir once there are more than ``capacity``."""
 
-    def __init__(self, capacity: int = 200_000, seed: int = 0) -> None:
+    def __init__(self, capacity: int = 20_000, seed: int = 0) -> None:
         self.capacity = capacity
         self.count = 0
         self.total = 0.0

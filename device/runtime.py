@@ -86,23 +86,34 @@ def _library_loadable(name: str) -> bool:
 
 
 def check_model_file(path: str | os.PathLike[str]) -> bytes:
-    """Read a .tflite file and check it is one before any native code sees it."""
+    """Read a .tflite file and check its whole structure before any native code sees it.
+
+    :func:`edgesqz.tflite_validate.validate_model` checks every index, shape and size the runtime
+    will trust; :func:`edgesqz.tflite_metadata.read_metadata` the embedded metadata.
+    """
+    from edgesqz.fileio import read_capped
+    from edgesqz.tflite_metadata import read_metadata
+    from edgesqz.tflite_validate import MAX_MODEL_BYTES, validate_model
+
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise EdgesqzError(f"model {path} is a link to {os.readlink(path)}, which does not exist; "
+                           "convert the model again or pass --model FILE.tflite")
     if not path.exists():
         raise EdgesqzError(f"model {path} does not exist")
     if path.is_dir():
         raise EdgesqzError(f"model {path} is a folder; pass the .tflite file")
     try:
-        data = path.read_bytes()
+        with path.open("rb") as f:
+            data = read_capped(f, MAX_MODEL_BYTES)
     except OSError as exc:
-        raise EdgesqzError(f"cannot read model {path}: {exc.strerror}") from exc
-    # reuse the metadata reader's structural check (identifier, buffers inside the file)
-    from edgesqz.tflite_metadata import read_metadata
-
-    try:
-        read_metadata(data)
-    except EdgesqzError as exc:  # name the file, not "the model data"
-        raise EdgesqzError(str(exc).replace("the model data", f"model {path}", 1)) from exc
+        raise EdgesqzError(f"cannot read model {path}: {exc.strerror or exc}") from exc
+    src = f"model {path}"
+    if data is None:
+        raise EdgesqzError(f"{src} is larger than {MAX_MODEL_BYTES >> 20} MiB, the most edgesqz accepts; is it a "
+                           ".tflite model?")
+    validate_model(data, src)
+    read_metadata(data, src=src)
     return data
 
 
@@ -147,6 +158,46 @@ def _cv2_logging() -> Any:
     return getattr(getattr(cv2, "utils", None), "logging", None)
 
 
+MAX_THREADS = 64  # more interpreter threads than this only waste memory; 100000 crashed the runtime
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads``: None (one per core) or 1 .. :data:`MAX_THREADS`."""
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise EdgesqzError(f"--threads must be between 1 and {MAX_THREADS}, got {threads} (this machine has "
+                           f"{os.cpu_count()} cores; one thread per core is the default)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+class Interpreter:
+    """The backend's interpreter, with runtime failures of ``invoke`` turned into one-line errors.
+
+    Everything else is the backend's own object (``set_tensor``, ``get_tensor``, details...).
+    """
+
+    def __init__(self, inner: Any, src: str, backend: Backend) -> None:
+        self._inner = inner
+        self._src = src
+        self._backend = backend
+        self.set_tensor = inner.set_tensor  # the per-frame calls skip __getattr__
+        self.get_tensor = inner.get_tensor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def invoke(self) -> None:
+        try:
+            self._inner.invoke()
+        except (RuntimeError, ValueError) as exc:
+            raise EdgesqzError(f"the runtime ({self._backend.name} {self._backend.version}) failed to run "
+                               f"{self._src}: {_first_line(exc)}; the model is damaged or was made for another "
+                               "runtime: convert it again") from exc
+
+
 def make_interpreter(
     model: str | os.PathLike[str] | bytes,
     *,
@@ -154,11 +205,19 @@ def make_interpreter(
     delegate: str | None = None,
     backend: str | None = None,
     xnnpack: bool = True,
-) -> tuple[Any, Backend]:
-    """Create and allocate an interpreter. ``delegate``: None (CPU, XNNPACK) or ``edgetpu[:usb|:pci...]``."""
-    if threads is not None and threads < 1:
-        raise EdgesqzError(f"--threads must be >= 1, got {threads}")
-    data = model if isinstance(model, bytes) else check_model_file(model)
+    src: str | None = None,
+) -> tuple[Interpreter, Backend]:
+    """Create and allocate an interpreter. ``delegate``: None (CPU, XNNPACK) or ``edgetpu[:usb|:pci...]``.
+
+    A path is read and validated with :func:`check_model_file`; bytes must have been validated by the
+    caller (they come from :func:`check_model_file` or are built in memory). ``src`` names the model in
+    errors (default: the path, or "this model").
+    """
+    check_threads(threads)
+    if isinstance(model, bytes):
+        data, src = model, src or "this model"
+    else:
+        data, src = check_model_file(model), src or f"model {model}"
     be = load_backend(backend)
     delegates = []
     if delegate:
@@ -178,9 +237,10 @@ def make_interpreter(
         interpreter = be.module.Interpreter(**kwargs)
         interpreter.allocate_tensors()
     except (ValueError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EdgesqzError(f"the runtime cannot load this model: {first}") from exc
-    return interpreter, be
+        raise EdgesqzError(f"the runtime ({be.name} {be.version}) cannot load {src}: {_first_line(exc)}; the file "
+                           "is damaged, or uses ops this runtime lacks: convert it again, or pip install -U "
+                           "ai-edge-litert") from exc
+    return Interpreter(interpreter, src, be), be
 
 
 @dataclass(frozen=True)

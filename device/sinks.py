@@ -17,6 +17,7 @@ import queue
 import re
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -24,6 +25,16 @@ import cv2
 import numpy as np
 
 from edgesqz.errors import EdgesqzError
+from edgesqz.fileio import (
+    OutputError,
+    PendingFile,
+    check_output,
+    is_special,
+    open_stream,
+    os_error,
+    reader_gone,
+    silence,
+)
 from edgesqz.schema import dumps
 
 if TYPE_CHECKING:
@@ -67,8 +78,12 @@ def display_status() -> tuple[bool, str]:
     backend = opencv_gui_backend()
     if backend is None:
         return False, "this OpenCV has no GUI support (opencv-python-headless); pip install opencv-python for a window"
-    if sys.platform.startswith("linux") and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")):
-        return False, "no display ($DISPLAY and $WAYLAND_DISPLAY are unset)"
+    if sys.platform.startswith("linux"):
+        from edgesqz.sysinfo import display_check
+
+        found, what = display_check()
+        if not found:
+            return False, what
     return True, f"OpenCV {backend} window"
 
 
@@ -106,24 +121,29 @@ def annotate(image: np.ndarray, result: Result) -> np.ndarray:
 class JsonLinesSink(Sink):
     """One ``classification`` object per frame, then the ``run_summary`` object, one JSON per line.
 
-    ``target``: a text stream (e.g. ``sys.stdout``) or a file path (``.jsonl``; created/overwritten).
+    ``target``: a text stream (e.g. ``sys.stdout``) or a file path (``.jsonl``), written line by line as
+    the run goes (``tail -f`` works) through :func:`edgesqz.fileio.open_stream`: a new file, an existing
+    one only with ``force``. A closed stdout pipe stops the run (``output_closed``); a write that fails
+    otherwise (disk full) is an error that names the file.
     """
 
     stop_reason = "output_closed"
 
-    def __init__(self, target: IO[str] | str | os.PathLike[str], *, summary: bool = True) -> None:
+    def __init__(self, target: IO[str] | str | os.PathLike[str], *, summary: bool = True, force: bool = False) -> None:
         self.target = target
         self.summary = summary
+        self.force = force
         self._stream: IO[str] | None = None
         self._owns = False
+        self._lines = 0
+
+    @property
+    def name(self) -> str:
+        return str(self.target) if self._owns else "standard output"
 
     def open(self, pipeline: Pipeline | None = None) -> None:
         if isinstance(self.target, (str, os.PathLike)):
-            path = Path(self.target)
-            try:
-                self._stream = path.open("w", encoding="utf-8")
-            except OSError as exc:
-                raise EdgesqzError(f"cannot write {path}: {exc.strerror or exc}") from exc
+            self._stream = open_stream(self.target, force=self.force)
             self._owns = True
         else:
             self._stream = self.target
@@ -134,11 +154,19 @@ class JsonLinesSink(Sink):
         try:
             self._stream.write(dumps(obj) + "\n")
             self._stream.flush()
-        except BrokenPipeError:  # e.g. `edgesqz run --json | head`
-            self.stop_requested = True
-            with contextlib.suppress(OSError, ValueError):
-                devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, self._stream.fileno())
+        except OutputError as exc:  # stdout through the command line's guard
+            if not exc.reader_gone:
+                raise
+            self.stop_requested = True  # e.g. `edgesqz run --json | head`, or the terminal hung up
+            return
+        except OSError as exc:
+            silence(self._stream)
+            if not self._owns and reader_gone(exc):
+                self.stop_requested = True
+                return
+            self._stream = None
+            raise os_error(self.name, exc) from exc
+        self._lines += 1
 
     def write(self, result: Result) -> None:
         self._line(result.to_record())
@@ -147,27 +175,45 @@ class JsonLinesSink(Sink):
         if summary is not None and self.summary:
             self._line(summary.to_record())
         if self._owns and self._stream is not None:
-            self._stream.close()
+            try:
+                self._stream.close()
+            except OSError as exc:
+                raise os_error(self.name, exc) from exc
+            finally:
+                self._stream = None
+                if not self._lines and not is_special(self.target):  # a failed run that wrote nothing leaves nothing
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.target)
         self._stream = None
 
 
 class ConsoleSink(Sink):
     """A human line per frame: ``frame 12  espresso 84.1%  consomme 12.2%  ...  11.9 ms``."""
 
+    stop_reason = "output_closed"
+
     def __init__(self, stream: IO[str] | None = None, *, top: int = 3) -> None:
         self.stream = stream
         self.top = top
 
     def write(self, result: Result) -> None:
+        if self.stop_requested:
+            return
         stream = self.stream or sys.stdout
         name = Path(result.frame.name).name if result.frame.name else f"frame {result.frame.index}"
         preds = "  ".join(f"{p['label']} {p['score'] * 100:.1f}%" for p in result.top_k[: self.top]) or "-"
         try:
             stream.write(f"{name}  {preds}  ({result.latency_ms['inference']:.1f} ms)\n")
             stream.flush()
-        except BrokenPipeError:
+        except OutputError as exc:
+            if not exc.reader_gone:
+                raise
             self.stop_requested = True
-            self.stop_reason = "output_closed"
+        except OSError as exc:
+            silence(stream)
+            if not reader_gone(exc):
+                raise os_error("standard output", exc) from exc
+            self.stop_requested = True
 
 
 class WindowSink(Sink):
@@ -203,21 +249,30 @@ class VideoRecordSink(Sink):
 
     Annotation and encoding run in a writer thread, off the inference path. The frame rate is the
     source's (``fps`` overrides it; 30 when the source does not say). Frames of another size than
-    the first are resized to it.
+    the first are resized to it. The video is written to a temporary file beside ``path`` and appears
+    under its name only once finalised and read back (a playable file or none, also when the run is
+    stopped by a signal or fails later); an existing file is replaced only with ``force``, and never
+    when it is one of ``inputs`` (``(what, path)`` the run reads, e.g. its ``--source``).
     """
 
-    def __init__(self, path: str | os.PathLike[str], *, fps: float | None = None, queue_size: int = 16) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | os.PathLike[str], *, fps: float | None = None, queue_size: int = 16,
+                 force: bool = False, inputs: Sequence[tuple[str, str | os.PathLike[str] | None]] = ()) -> None:
+        self.codec = record_codec(Path(path))
+        self.path = check_output(path, force=force, what="--record", option="--record", inputs=inputs,
+                                 create_parents=False, special_ok=False)
         self.fps = fps
-        self.codec = check_record_path(self.path)
+        self.force = force
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
         self._error: EdgesqzError | None = None
+        self._pending: PendingFile | None = None
         self.frames = 0
+        self.saved = False  # the video is in place under its name
 
     def open(self, pipeline: Pipeline | None = None) -> None:
         if self.fps is None:
             self.fps = (pipeline.source.fps if pipeline is not None else None) or DEFAULT_RECORD_FPS
+        self._pending = PendingFile(self.path, force=self.force)
         self._thread = threading.Thread(target=self._run, name="edgesqz-record", daemon=True)
         self._thread.start()
 
@@ -232,18 +287,48 @@ class VideoRecordSink(Sink):
             self._queue.put(None)
             self._thread.join()
             self._thread = None
-        if self._error is not None:
-            raise self._error
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        try:
+            if self._error is None and self.frames:
+                self._check_playable(pending.tmp)
+        except EdgesqzError as exc:
+            self._error = exc
+        if self._error is not None or not self.frames:
+            pending.discard()
+            if self._error is not None:
+                raise self._error
+            return
+        pending.commit()  # what was recorded is kept even when the run failed later
+        self.saved = True
+
+    def _check_playable(self, tmp: Path) -> None:
+        cap = cv2.VideoCapture(str(tmp))
+        try:
+            ok = cap.isOpened() and cap.read()[0]
+        finally:
+            cap.release()
+        if not ok:
+            full = False
+            with contextlib.suppress(OSError):
+                st = os.statvfs(tmp.parent)
+                full = st.f_bavail * st.f_frsize < 1 << 20
+            raise EdgesqzError(f"recording to {self.path} failed: the video cannot be read back"
+                               + ("; the disk is full, free some space or record somewhere else" if full else
+                                  " (OpenCV could not finish it)"))
 
     def _run(self) -> None:
         writer = None
         size = None
         try:
+            assert self._pending is not None
+            target = str(self._pending.tmp)
             while (result := self._queue.get()) is not None:
                 image = annotate(result.frame.image, result)
                 if writer is None:
                     size = (image.shape[1], image.shape[0])
-                    writer = cv2.VideoWriter(str(self.path), cv2.VideoWriter_fourcc(*self.codec), float(self.fps), size)
+                    writer = cv2.VideoWriter(target, cv2.VideoWriter_fourcc(*self.codec), float(self.fps), size)
                     if not writer.isOpened():
                         raise EdgesqzError(f"cannot record to {self.path}: OpenCV could not open a {self.codec} writer")
                 if (image.shape[1], image.shape[0]) != size:
@@ -260,13 +345,9 @@ class VideoRecordSink(Sink):
                 writer.release()
 
 
-def check_record_path(path: Path) -> str:
-    """The codec for a ``--record`` path, after checking its folder exists."""
+def record_codec(path: Path) -> str:
+    """The codec for a ``--record`` file name."""
     codec = RECORD_CODECS.get(path.suffix.lower())
     if codec is None:
         raise EdgesqzError(f"--record {path}: use a .mp4, .avi, .mov, .m4v or .mkv file name")
-    if not path.parent.is_dir():
-        raise EdgesqzError(f"--record {path}: the folder {path.parent} does not exist")
-    if not os.access(path.parent, os.W_OK):
-        raise EdgesqzError(f"--record {path}: the folder {path.parent} is not writable")
     return codec

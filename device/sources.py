@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import queue
 import sys
@@ -35,7 +36,7 @@ import numpy as np
 
 from edgesqz.device.runtime import native_stderr
 from edgesqz.errors import EdgesqzError
-from edgesqz.imaging import IMAGE_SUFFIXES, VIDEO_SUFFIXES, list_images, read_image
+from edgesqz.imaging import IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, VIDEO_SUFFIXES, list_images, read_image
 
 log = logging.getLogger("edgesqz.device")
 
@@ -45,6 +46,8 @@ PICAMERA2_HELP = (
     "`python3 -m venv --system-site-packages` so it can see the system package"
 )
 PICAMERA2_DEFAULT_SIZE = (640, 480)
+STREAM_TIMEOUT_MS = 10_000  # FFmpeg's open and read timeouts for stream URLs
+MAX_FRAME_PIXELS = MAX_IMAGE_PIXELS  # a video or camera frame, as an image file
 
 
 @dataclass
@@ -93,8 +96,10 @@ class OpenCVCapture:
     """``cv2.VideoCapture`` on a camera index (V4L2), a device path, a video file or a stream URL."""
 
     def __init__(self, target: int | str, *, width: int | None = None, height: int | None = None,
-                 fps: float | None = None, description: str | None = None, decode_threads: int | None = 1) -> None:
+                 fps: float | None = None, description: str | None = None, decode_threads: int | None = 1,
+                 loop: bool = False) -> None:
         self.target = target
+        self.loop = loop  # a video file starts again at its end
         self.width, self.height, self.req_fps = width, height, fps
         # One FFmpeg decoding thread by default: the interpreter owns the cores, and a single thread
         # decodes 640x480 video several times faster than a small classifier runs.
@@ -105,6 +110,17 @@ class OpenCVCapture:
     @property
     def is_camera(self) -> bool:
         return isinstance(self.target, int) or str(self.target).startswith("/dev/video")
+
+    @property
+    def is_stream(self) -> bool:
+        return "://" in str(self.target)
+
+    @property
+    def lost_hint(self) -> str:
+        """What to check when the source stops delivering frames and does not come back."""
+        if self.is_stream:
+            return "check that the stream's server is running and reachable, and the URL"
+        return "check the cable and power" if self.is_camera else "check the file"
 
     def open(self) -> None:
         if isinstance(self.target, int) and sys.platform.startswith("linux") \
@@ -118,6 +134,9 @@ class OpenCVCapture:
                 cap = cv2.VideoCapture(self.target, cv2.CAP_V4L2 if sys.platform.startswith("linux") else cv2.CAP_ANY)
             else:
                 params = [cv2.CAP_PROP_N_THREADS, self.decode_threads] if self.decode_threads else []
+                if self.is_stream:  # a server that stops answering must not block the reader for ever
+                    params += [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
+                               cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS]
                 cap = cv2.VideoCapture(str(self.target), cv2.CAP_FFMPEG, params)
             if cap.isOpened() and self.is_camera:
                 self._request(cap)
@@ -125,6 +144,11 @@ class OpenCVCapture:
             reason = _ffmpeg_reason(lines)
             raise EdgesqzError(self._open_error(reason))
         self._cap = cap
+        size = self.frame_size
+        if size is not None and size[0] * size[1] > MAX_FRAME_PIXELS:
+            self.close()
+            raise EdgesqzError(f"{self.description} delivers {size[0]}x{size[1]} frames; edgesqz reads frames up to "
+                               f"{MAX_FRAME_PIXELS / 1e6:.0f} megapixels")
 
     def _open_error(self, reason: str) -> str:
         why = f" ({reason})" if reason else ""
@@ -133,7 +157,15 @@ class OpenCVCapture:
         if self.is_camera:
             return (f"cannot open {self.description}{why}; check it is a capture device, not in use by another "
                     "program (fuser /dev/video*), and that you may read it (group 'video')")
-        if "://" in str(self.target):
+        if self.is_stream:
+            reachable = _reachable(str(self.target))
+            if reachable is True:
+                return (f"cannot open stream {self.target}{why}: the server answers but sends nothing OpenCV can "
+                        "decode as video; check the URL's path and the credentials, and that it is a video stream "
+                        "(RTSP, MJPEG over HTTP, ...)")
+            if reachable:
+                return (f"cannot open stream {self.target}{why}: cannot connect ({reachable}); check the URL, the "
+                        "network, and that the camera or server is on")
             return f"cannot open stream {self.target}{why}; check the URL, the network and the credentials"
         return f"cannot read video {self.target}{why}: not a video, or a codec this OpenCV/FFmpeg cannot decode"
 
@@ -148,6 +180,10 @@ class OpenCVCapture:
 
     def read(self) -> tuple[np.ndarray, str | None] | None:
         ok, image = self._cap.read()
+        if not ok and self.loop and not self.is_camera and not self.is_stream:
+            self.close()
+            self.open()
+            ok, image = self._cap.read()
         return (image, None) if ok and image is not None else None
 
     def close(self) -> None:
@@ -175,6 +211,8 @@ class OpenCVCapture:
 
 class Picamera2Capture:
     """A Raspberry Pi camera module through Picamera2 (libcamera); imported only when used."""
+
+    lost_hint = "check the ribbon cable and `rpicam-hello --list-cameras`"
 
     def __init__(self, *, width: int | None = None, height: int | None = None, fps: float | None = None) -> None:
         self.size = (width or PICAMERA2_DEFAULT_SIZE[0], height or PICAMERA2_DEFAULT_SIZE[1])
@@ -265,6 +303,7 @@ class PacedCapture:
 
     def __init__(self, inner: OpenCVCapture, fps: float) -> None:
         self.inner = inner
+        self.lost_hint = inner.lost_hint
         self.rate = float(fps)
         self.description = f"{inner.description} (played live at {fps:g} fps)"
         self._t0 = 0.0
@@ -299,17 +338,46 @@ class PacedCapture:
 
 @dataclass(frozen=True)
 class Retry:
-    """Back-off for a live capture that stopped delivering: ``attempts`` reopens, delays doubling."""
+    """Back-off for a live capture that stopped delivering: reopen after ``first_delay``, doubling up to
+    ``max_delay``, at most ``attempts`` times (None: no limit) and until ``max_wait`` seconds were spent
+    waiting (None: no limit). Both None: for ever."""
 
-    attempts: int = 5
+    attempts: int | None = 5
     first_delay: float = 0.5
     max_delay: float = 8.0
+    max_wait: float | None = None
 
     def delays(self) -> Iterator[float]:
-        d = self.first_delay
-        for _ in range(self.attempts):
+        d, waited, n = self.first_delay, 0.0, 0
+        while (self.attempts is None or n < self.attempts) and (self.max_wait is None or waited < self.max_wait):
             yield d
+            waited += d
+            n += 1
             d = min(d * 2, self.max_delay)
+
+    def describe(self) -> str:
+        if self.attempts is None:
+            return "for ever" if self.max_wait is None else f"for up to {self.max_wait:g} s"
+        return f"{self.attempts} time{'s' if self.attempts != 1 else ''}"
+
+
+def parse_reconnect(text: str) -> Retry:
+    """``--reconnect``: N attempts (0: never), a time bound (``90s``, ``10m``, ``2h``) or ``forever``."""
+    value = text.strip().lower()
+    if value in ("forever", "always", "inf"):
+        return Retry(attempts=None)
+    if value.isdigit():
+        return Retry(attempts=int(value))
+    units = {"s": 1, "m": 60, "h": 3600}
+    if len(value) > 1 and value[-1] in units:
+        try:
+            seconds = float(value[:-1]) * units[value[-1]]
+        except ValueError:
+            seconds = float("nan")
+        if math.isfinite(seconds) and seconds > 0:
+            return Retry(attempts=None, max_wait=seconds)
+    raise EdgesqzError(f"--reconnect takes a number of attempts (0: never), a time such as 90s, 10m or 2h, or "
+                       f"forever, not {text!r}")
 
 
 _END = object()
@@ -510,17 +578,21 @@ class FrameSource:
         """Reopen a live capture with back-off: its first frame, None when stopped meanwhile, or a clear error."""
         if self.retry is None or self._stop.is_set():
             return None
-        waited, last = 0.0, "no frames"
+        waited, last, attempts = 0.0, "no frames", 0
+        limit = self.retry.attempts
         for attempt, delay in enumerate(self.retry.delays(), 1):
-            log.warning("warning: %s stopped delivering frames; reopening in %.1f s (attempt %d of %d)",
-                        self.description, delay, attempt, self.retry.attempts)
+            of = f" of {limit}" if limit is not None else ""
+            log.warning("warning: %s stopped delivering frames; reopening in %.1f s (attempt %d%s)",
+                        self.description, delay, attempt, of)
             self.capture.close()
             self._sleep(delay)
             waited += delay
+            attempts = attempt
             if self._stop.is_set():
                 return None
             try:
-                self.capture.open()
+                with _opencv_quiet():  # our warning says what happens; OpenCV's own WARN lines only confuse
+                    self.capture.open()
             except EdgesqzError as exc:
                 last = str(exc)
                 continue
@@ -529,9 +601,51 @@ class FrameSource:
                 self.reconnects += 1
                 log.warning("warning: %s is back", self.description)
                 return got
-            last = "it opened but delivered no frame"
-        raise EdgesqzError(f"{self.description} disappeared and did not come back after {self.retry.attempts} "
-                           f"attempts over {waited:.1f} s ({last}); check the cable and power")
+            last = ("the server answers but sends nothing OpenCV can decode as video"
+                    if getattr(self.capture, "is_stream", False) else "it opened but delivered no frame")
+        hint = getattr(self.capture, "lost_hint", "check the cable and power")
+        if not attempts:
+            raise EdgesqzError(f"{self.description} stopped delivering frames (--reconnect 0: not reopened); {hint}")
+        raise EdgesqzError(f"{self.description} disappeared and did not come back after {attempts} attempts over "
+                           f"{waited:.1f} s ({last}); {hint}, or allow more with --reconnect")
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "rtsp": 554, "rtsps": 322, "rtmp": 1935}
+
+
+def _reachable(url: str, timeout: float = 2.0) -> bool | str:
+    """True when a TCP connection to the URL's host and port succeeds, else why not ("" if not a TCP URL)."""
+    import socket
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port = parts.port or _DEFAULT_PORTS.get(parts.scheme.lower())
+        host = parts.hostname
+    except ValueError:
+        return ""
+    if not host or not port:
+        return ""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _opencv_quiet() -> Iterator[None]:
+    """OpenCV's log level set to silent meanwhile (it is global; only the reconnecting thread uses this)."""
+    logging_ = getattr(getattr(cv2, "utils", None), "logging", None)
+    if logging_ is None:
+        yield
+        return
+    level = logging_.getLogLevel()
+    logging_.setLogLevel(logging_.LOG_LEVEL_SILENT)
+    try:
+        yield
+    finally:
+        logging_.setLogLevel(level)
 
 
 # --------------------------------------------------------------------------- from the CLI
@@ -567,6 +681,7 @@ def open_source(
     height: int | None = None,
     fps: float | None = None,
     retry: Retry | None = None,
+    loop: bool = False,
 ) -> FrameSource:
     """A (not yet started) :class:`FrameSource` for ``--camera`` or ``--source``; camera 0 when neither is given.
 
@@ -577,8 +692,13 @@ def open_source(
     if camera is not None and source is not None:
         raise EdgesqzError("give either --camera or --source, not both")
     for name, value in (("--width", width), ("--height", height), ("--fps", fps)):
-        if value is not None and value <= 0:
+        if value is not None and not (math.isfinite(value) and value > 0):
             raise EdgesqzError(f"{name} must be > 0, got {value}")
+    if fps is not None and fps > 1000:
+        raise EdgesqzError(f"--fps must be at most 1000, got {fps:g}")
+    if loop and (source is None or _is_url(os.fspath(source)) or not Path(source).is_file()
+                 or Path(source).suffix.lower() in IMAGE_SUFFIXES):
+        raise EdgesqzError("--loop plays a video file again and again; give --source VIDEO_FILE")
     if source is None:
         cam = parse_camera(str(camera)) if camera is not None else 0
         if cam == "picamera2":
@@ -603,7 +723,7 @@ def open_source(
         return FrameSource(ImageFilesCapture(images, f"{path}/ ({len(images)} images)"), live=False)
     if path.suffix.lower() in IMAGE_SUFFIXES:
         return FrameSource(ImageFilesCapture([path], str(path)), live=False)
-    video = OpenCVCapture(str(path))
+    video = OpenCVCapture(str(path), loop=loop)
     if fps is not None:
         return FrameSource(PacedCapture(video, fps), live=True)
     return FrameSource(video, live=False)

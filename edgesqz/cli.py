@@ -6,6 +6,7 @@ import TensorFlow or PyTorch. Errors the user can fix print one line and exit no
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Annotated
 
@@ -51,9 +52,11 @@ def _root(
 
 @app.command()
 def convert(
-    weights: Annotated[str, typer.Option("--weights", "-w", help="'torchvision' (download once), a .pth state_dict, "
-                                         "or a .keras model from 'edgesqz train'.")] = "torchvision",
-    version: Annotated[str | None, typer.Option("--version", help="1_0 or 1_1 (default: from the weights).")] = None,
+    weights: Annotated[str, typer.Option("--weights", "-w", help="'torchvision' (download once), a .pth state_dict "
+                                         "(torchvision or pytorch-cifar100 layout), or a .keras model from "
+                                         "'edgesqz train'.")] = "torchvision",
+    arch: Annotated[str | None, typer.Option("--arch", "--version", help="1_0, 1_1 or cifar (default: recognised "
+                                             "from the weights).")] = None,
     int8: Annotated[bool, typer.Option("--int8", help="Full-integer int8 (default).")] = False,
     float16: Annotated[bool, typer.Option("--float16", help="float16 weights.")] = False,
     dynamic: Annotated[bool, typer.Option("--dynamic", help="Dynamic range: int8 weights, float activations.")] = False,
@@ -62,7 +65,13 @@ def convert(
                                               "video file. Required for --int8.")] = None,
     calib_count: Annotated[int, typer.Option("--calib-count", help="How many calibration images.")] = 200,
     io: Annotated[str, typer.Option("--io", help="int8 model input/output type: int8 or uint8.")] = "int8",
-    input_size: Annotated[int, typer.Option("--input-size", help="Square input size in pixels.")] = 224,
+    input_size: Annotated[int | None, typer.Option("--input-size", help="Square input size in pixels (default: "
+                                                   "what the network was trained at, 224 or 32 for cifar).")] = None,
+    crop_fraction: Annotated[float | None, typer.Option("--crop-fraction", help="Centre crop as a fraction of the "
+                                                        "shorter side (default 0.875; 1.0 for cifar).")] = None,
+    mean: Annotated[str | None, typer.Option("--mean", help="Training normalisation mean, R,G,B on 0..1 (default: "
+                                             "ImageNet's; CIFAR-100's for cifar).")] = None,
+    std: Annotated[str | None, typer.Option("--std", help="Training normalisation std, R,G,B (see --mean).")] = None,
     labels: Annotated[str | None, typer.Option("--labels", help="Class names: .txt (one per line), .json list, "
                                                "or imagenet_class_index.json.")] = None,
     check: Annotated[str | None, typer.Option("--check", help="Labelled folder (<wnid>_*.JPEG or one sub-folder "
@@ -94,12 +103,14 @@ def convert(
                                       ("float32", float32)) if flag]
     if len(chosen) > 1:
         raise EdgesqzError(f"choose one format, not {' and '.join('--' + c for c in chosen)}")
-    opts = ConvertOptions(version=version, weights=weights, fmt=chosen[0] if chosen else "int8", calib=calib,
-                          calib_count=calib_count, io=io, input_size=input_size, labels=labels, check=check,
+    opts = ConvertOptions(arch=arch, weights=weights, fmt=chosen[0] if chosen else "int8", calib=calib,
+                          calib_count=calib_count, io=io, input_size=input_size, crop_fraction=crop_fraction,
+                          mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), labels=labels, check=check,
                           max_drop=max_drop, output=output, force=force, normalization=normalization, via=via,
                           ptq=ptq, edgetpu=edgetpu)
     with progress_bars(enabled=not json_out) as bars:
         result = run_convert(opts, bars)
+    err.print(f"weights: {result.found}")
     for warning in result.warnings:
         err.print(f"[yellow]warning:[/] {warning}")
     rep = result.report
@@ -150,25 +161,30 @@ def info(
     meta = d["info"]
     out.print(f"[bold]{d['model']}[/]  {human_size(d['size_bytes'])}  {d['name'] or '(no name)'}")
     if meta:
-        out.print(f"  architecture {meta.get('architecture')}, format {meta.get('format')}, "
-                  f"input {meta.get('input', {}).get('size')} px {meta.get('input', {}).get('color_order')}, "
-                  f"output {meta.get('output', {}).get('kind')}")
-        pre = meta.get("preprocessing", {})
-        out.print(f"  preprocessing: {pre.get('resize')}, crop {pre.get('crop_fraction', 0):.3f}, "
-                  f"{pre.get('interpolation')}, mean/std inside the model")
-        src = meta.get("source_weights") or {}
-        out.print(f"  weights: {src.get('source')} sha256 {str(src.get('sha256'))[:16]}...")
-        if meta.get("calibration"):
-            c = meta["calibration"]
-            out.print(f"  calibration: {c.get('count')} {c.get('kind')} images from {c.get('source')} "
-                      f"({c.get('skipped')} skipped)")
-        if meta.get("accuracy"):
-            a = meta["accuracy"]
-            out.print(f"  accuracy on {a['images']} images: float top-1 {a['reference']['top1']:.2f}, "
-                      f"model top-1 {a['model']['top1']:.2f} / top-5 {a['model']['top5']:.2f}, "
-                      f"agreement {a['top1_agreement']:.2f} %"
-                      + (f" (95 % interval {_span(a['top1_agreement_ci95'], ' %')})" if "top1_agreement_ci95" in a
-                         else ""))
+        def get(key: str) -> object:  # "a.b.c" of the metadata, None where absent (any model may lack any key)
+            value: object = meta
+            for part in key.split("."):
+                value = value.get(part) if isinstance(value, dict) else None
+            return value
+
+        def num(key: str, fmt: str = ".2f") -> str:
+            value = get(key)
+            return format(value, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+        out.print(f"  architecture {get('architecture')}, format {get('format')}, "
+                  f"input {get('input.size')} px {get('input.color_order')}, output {get('output.kind')}")
+        out.print(f"  preprocessing: {get('preprocessing.resize')}, crop {num('preprocessing.crop_fraction', '.3f')}, "
+                  f"{get('preprocessing.interpolation')}, mean/std inside the model")
+        out.print(f"  weights: {get('source_weights.source')} sha256 {str(get('source_weights.sha256'))[:16]}...")
+        if get("calibration"):
+            out.print(f"  calibration: {get('calibration.count')} {get('calibration.kind')} images from "
+                      f"{get('calibration.source')} ({get('calibration.skipped')} skipped)")
+        if get("accuracy"):
+            ci = get("accuracy.top1_agreement_ci95")
+            out.print(f"  accuracy on {get('accuracy.images')} images: float top-1 {num('accuracy.reference.top1')}, "
+                      f"model top-1 {num('accuracy.model.top1')} / top-5 {num('accuracy.model.top5')}, "
+                      f"agreement {num('accuracy.top1_agreement')} %"
+                      + (f" (95 % interval {_span(ci, ' %')})" if isinstance(ci, list) and len(ci) == 2 else ""))
     else:
         out.print("  no edgesqz metadata")
     if d["labels"]:
@@ -192,17 +208,22 @@ def train(
     output: Annotated[str, typer.Option("--output", "-o", help="Best model (.keras).")] = "model.keras",
     val: Annotated[str | None, typer.Option("--val", help="Validation folder (default: split --data).")] = None,
     val_split: Annotated[float, typer.Option("--val-split", help="Share of each class held out.")] = 0.2,
-    version: Annotated[str, typer.Option("--version", help="SqueezeNet 1_0 or 1_1.")] = "1_1",
-    init: Annotated[str, typer.Option("--from", help="'imagenet' (fine-tune torchvision's weights) or 'none' "
-                                      "(from scratch, batch-norm Fire modules).")] = "imagenet",
+    arch: Annotated[str, typer.Option("--arch", "--version", help="1_0 or 1_1 (torchvision's SqueezeNet) or cifar "
+                                      "(pytorch-cifar100's network for small images, trained from scratch with "
+                                      "its recipe).")] = "1_1",
+    init: Annotated[str | None, typer.Option("--from", help="'imagenet' (fine-tune torchvision's weights; default "
+                                             "for 1_0/1_1) or 'none' (from scratch, batch-norm Fire modules).")]
+    = None,
     weights: Annotated[str, typer.Option("--weights", help="The ImageNet weights for --from imagenet: "
                                          "'torchvision' or a .pth file.")] = "torchvision",
     epochs: Annotated[int, typer.Option("--epochs", help="At most this many epochs (early stopping).")] = 10,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 32,
-    input_size: Annotated[int, typer.Option("--input-size", help="Square training size in pixels.")] = 224,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help="Default 32; 128 for cifar.")] = None,
+    input_size: Annotated[int | None, typer.Option("--input-size", help="Square training size in pixels "
+                                                   "(default 224; 32 for cifar).")] = None,
     learning_rate: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (cosine decay).")] = None,
-    patience: Annotated[int, typer.Option("--patience", help="Stop after this many epochs without a better "
-                                          "validation accuracy.")] = 3,
+    patience: Annotated[int | None, typer.Option("--patience", help="Stop after this many epochs without a better "
+                                                 "validation accuracy (default 3; off for cifar's step "
+                                                 "schedule).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote OUTPUT.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON at the end.")] = False,
@@ -214,7 +235,7 @@ def train(
     from edgesqz.train import TrainOptions
     from edgesqz.train import train as run_train
 
-    opts = TrainOptions(data=data, output=output, val=val, val_split=val_split, version=version, init=init,
+    opts = TrainOptions(data=data, output=output, val=val, val_split=val_split, arch=arch, init=init,
                         weights=weights, epochs=epochs, batch_size=batch_size, input_size=input_size,
                         learning_rate=learning_rate, patience=patience, force=force, resume=resume)
     result = run_train(opts, verbose=0 if json_out else 1)
@@ -293,6 +314,16 @@ def compare(
               f"{d['max_abs']:.4g} (mean {d['mean_abs']:.4g}); {len(rep['classes_changed'])} classes changed")
 
 
+def _numbers(value: str | None, option: str) -> tuple[float, ...] | None:
+    """``"0.5,0.4,0.3"`` -> a tuple of floats (None stays None); a clear error otherwise."""
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.replace(" ", "").split(",") if v)
+    except ValueError:
+        raise EdgesqzError(f"{option} takes one number or three separated by commas (R,G,B), not {value!r}") from None
+
+
 def _span(interval: list[float], unit: str, *, signed: bool = False) -> str:
     """``[lo, hi]`` as ``lo to hi unit`` (signed numbers for differences)."""
     fmt = "+.2f" if signed else ".2f"
@@ -318,20 +349,27 @@ def bench(
     = None,
     plot_file: Annotated[str | None, typer.Option("--plot", help="Draw the latency distributions to FILE.png "
                                                   "(needs matplotlib).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing --json/--csv/--plot files.")] = False,
 ) -> None:
     """Measure latency on this device: cold start, steady state, per-stage pipeline, with device facts."""
     import json
-    from pathlib import Path
 
-    from edgesqz.console import err, out, progress_bars
+    from edgesqz.console import err, progress_bars
     from edgesqz.device import bench as b
     from edgesqz.device.cli import resolve_model
+    from edgesqz.fileio import atomic_write, check_distinct, check_output
 
     thread_list = b.parse_threads(threads)
     if plot_file:
         b.require_matplotlib()
     paths = [str(m) for m in models] if models else [str(resolve_model(None))]
     to_stdout = json_file == "-"
+    # Every output is checked before measuring anything: a bad folder must not cost the whole benchmark.
+    inputs = [("model", m) for m in paths] + [("--source", source)]
+    outputs = {name: check_output(value, force=force, what=name, option=name, inputs=inputs, create_parents=False)
+               for name, value in (("--json", None if to_stdout else json_file), ("--csv", csv_file),
+                                   ("--plot", plot_file)) if value is not None}
+    check_distinct(outputs.items())
     settings = {"threads": thread_list, "warmup": warmup, "runs": None if duration else runs, "duration_s": duration,
                 "delegate": delegate, "source": source or (f"camera {camera}" if camera is not None else None)}
     pipeline = []
@@ -349,17 +387,28 @@ def bench(
                 pipeline.append(b.bench_pipeline(paths[0], src, threads=n, frames=frames, delegate=delegate,
                                                  advance=bars(f"pipeline, {n} thread{'s' if n > 1 else ''}", frames)))
     rep = b.bench_report(rows, pipeline, settings, keep_samples=plot_file is None and json_file is not None)
-    if plot_file:
-        b.plot(rows, plot_file)
-        rep = b.bench_report(rows, pipeline, settings, keep_samples=False)
-    if json_file and not to_stdout:
-        Path(json_file).write_text(json.dumps(rep, indent=2) + "\n")
-    if csv_file:
-        b.write_csv(rows, csv_file)
     if to_stdout:
         typer.echo(json.dumps(rep, indent=2))
-        return
+    else:
+        _bench_table(rep, rows, pipeline)
+    # The results are on screen first: a file that cannot be written (disk full) does not lose them.
+    if "--plot" in outputs:
+        b.plot(rows, outputs["--plot"], force=force)
+        rep = b.bench_report(rows, pipeline, settings, keep_samples=False)
+    if "--json" in outputs:
+        atomic_write(outputs["--json"], json.dumps(rep, indent=2) + "\n", force=force)
+    if "--csv" in outputs:
+        b.write_csv(rows, outputs["--csv"], force=force)
+    for name, path in outputs.items():
+        err.print(f"wrote {path} ({name})")
+
+
+def _bench_table(rep: dict, rows: list[dict], pipeline: list[dict]) -> None:
+    from pathlib import Path
+
     from rich.table import Table
+
+    from edgesqz.console import err, out
 
     dev = rep["device"]
     table = Table(title=f"edgesqz bench on {dev['board'] or dev['cpu']} ({dev['cores']} cores, governor "
@@ -415,22 +464,111 @@ def edgetpu_check(
 def edgetpu_compile(
     model: Annotated[str, typer.Argument(help="A full-integer .tflite model.")],
     out_dir: Annotated[str | None, typer.Option("--out-dir", help="Where to write MODEL_edgetpu.tflite.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing MODEL_edgetpu.tflite / .log.")] = False,
 ) -> None:
     """Compile MODEL with edgetpu_compiler (x86_64 Linux) and show which ops mapped."""
     from edgesqz.edgetpu import compile_model
 
-    compiled = compile_model(model, out_dir)
+    compiled = compile_model(model, out_dir, force=force)
     for row in compiled.rows:
         typer.echo(f"{row['op']:<24} {row['count']:>4}  {row['status']}")
     typer.echo(f"wrote {compiled.output} ({'fully mapped' if compiled.fully_mapped else 'partly on the CPU'})")
 
 
-def main() -> None:
+def _say(message: str, colour: str | None = typer.colors.RED) -> None:
+    """One line on stderr; nothing if stderr is gone too (a closed terminal)."""
+    with contextlib.suppress(OSError):
+        typer.secho(message, err=True, fg=colour)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGHUP (an SSH session dropping) unwind like Ctrl-C, so nothing is left half-written.
+
+    ``run`` installs its own handlers while it runs (stop after the frame, summary, recording finalised).
+    A SIGHUP that is ignored (``nohup``) stays ignored.
+    """
+    import signal
+
+    from edgesqz.errors import Interrupted
+
+    def handler(signum: int, _frame: object) -> None:
+        raise Interrupted(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(sig) is signal.SIG_DFL:
+            signal.signal(sig, handler)
+
+
+def _run_app() -> int:
+    """Run the command; every way it can end becomes an exit code and at most one line on stderr."""
+    import os
+    import signal
+
+    from edgesqz.errors import Interrupted
+    from edgesqz.fileio import OutputError
+
     try:
-        app()
+        rv = app(standalone_mode=False)
+        return rv if isinstance(rv, int) else 0
+    except OutputError as exc:  # `| head` went away: nothing to say; a full disk under a redirection: say so
+        if not exc.reader_gone:
+            _say(f"error: {exc}")
+        return exc.exit_code
     except EdgesqzError as exc:
-        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-        sys.exit(exc.exit_code)
+        _say(f"error: {exc}")
+        return exc.exit_code
+    except Interrupted as exc:
+        _say(f"interrupted by {signal.Signals(exc.signum).name}", None)
+        return 128 + exc.signum
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(130)
+        _say("interrupted", None)
+        return 130
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        _say(f"error: {exc.strerror or exc}{where}")
+        return 2
+    except MemoryError:
+        _say("error: not enough memory for this; close other programs, or use fewer --threads, a smaller model or "
+             "smaller images")
+        return 2
+    except typer.Exit as exc:
+        return exc.exit_code
+    except typer.Abort:
+        _say("Aborted!", None)
+        return 1
+    except Exception as exc:
+        if type(exc).__module__.startswith("typer"):  # usage errors: shown as Typer shows them
+            from typer import rich_utils
+
+            show = getattr(exc, "show", None)
+            try:
+                rich_utils.rich_format_error(exc)  # type: ignore[arg-type]
+            except Exception:
+                if show is not None:
+                    show()
+            return int(getattr(exc, "exit_code", 2))
+        if os.environ.get("EDGESQZ_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _say(f"error: internal error ({type(exc).__name__}: {first}); please report it, with the traceback that "
+             "EDGESQZ_DEBUG=1 shows")
+        return 70
+
+
+def main() -> None:
+    from edgesqz.fileio import GuardedStream
+
+    streams = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = GuardedStream(sys.stdout), GuardedStream(sys.stderr, drop_errors=True)  # type: ignore
+    try:
+        _stop_on_signals()
+        code = _run_app()
+        try:  # what is still buffered for stdout is written now, not in Python's exit handler
+            sys.stdout.flush()
+        except EdgesqzError as exc:
+            if exc.exit_code:
+                _say(f"error: {exc}")
+                code = code or exc.exit_code
+    finally:
+        sys.stdout, sys.stderr = streams
+    sys.exit(code)

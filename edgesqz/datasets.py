@@ -117,11 +117,12 @@ class LabelledFiles:
     scheme: str  # "wnid" | "folders"
 
 
-def labelled_files(root: str | Path, labels: Labels) -> LabelledFiles:
-    """Files and class indices from ``<wnid>_*.JPEG`` names or one sub-folder per class."""
+def labelled_files(root: str | Path, labels: Labels, option: str = "--check") -> LabelledFiles:
+    """Files and class indices from ``<wnid>_*.JPEG`` names or one sub-folder per class (``option`` names the
+    command-line option in messages)."""
     root = Path(root)
     if not root.is_dir():
-        raise EdgesqzError(f"{root} is not a folder; --check needs a labelled folder of images")
+        raise EdgesqzError(f"{root} is not a folder; {option} needs a labelled folder of images")
     files = list_images(root)
     if not files:
         raise EdgesqzError(f"no images in {root}")

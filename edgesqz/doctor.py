@@ -1,8 +1,9 @@
 """``edgesqz doctor``: can this device run edgesqz models, and what would make it better?
 
 Each check gives a status (ok / warn / fail / info), what was found, and a fix for anything not
-ok. The device can run models when a TFLite runtime imports and runs a model; everything else
-(Coral, camera, display, governor) only adds warnings.
+ok. The device can run models when a TFLite runtime imports and runs a model and the default model
+(the one ``run``/``classify`` use without ``--model``), if there is one, loads; everything else
+(no default model yet, Coral, camera, display, governor) only adds warnings.
 """
 
 from __future__ import annotations
@@ -96,6 +97,31 @@ def _runtime(findings: list[Finding]) -> bool:
     return True
 
 
+def _model(findings: list[Finding]) -> bool:
+    """The model ``run``/``classify`` would use without --model (resolved the same way), loaded for real."""
+    from edgesqz.device.classifier import Classifier
+    from edgesqz.device.cli import CONVERT_HINT, NoModelError, resolve_model
+    from edgesqz.errors import EdgesqzError
+
+    fix = f"make a new one with `{CONVERT_HINT}` (run and classify use it), or pass --model FILE.tflite"
+    try:
+        path = resolve_model(None)
+    except NoModelError as exc:
+        findings.append(Finding("model", "warn", str(exc).split(";")[0], fix))
+        return True
+    except EdgesqzError as exc:
+        findings.append(Finding("model", "fail", str(exc).split("; make")[0], fix))
+        return False
+    try:
+        clf = Classifier(path, threads=1)
+    except EdgesqzError as exc:
+        findings.append(Finding("model", "fail", f"the default model cannot be used: {exc}", fix))
+        return False
+    findings.append(Finding("model", "ok", f"{path} ({clf.name}; {clf.input_size}x{clf.input_size} input, "
+                                           f"{clf.num_classes} classes)"))
+    return True
+
+
 def run_checks() -> tuple[list[Finding], bool]:
     """All checks; the bool says whether this device can run edgesqz models."""
     findings: list[Finding] = []
@@ -106,6 +132,8 @@ def run_checks() -> tuple[list[Finding], bool]:
     findings.append(Finding("machine", "info", f"{board or sysinfo.cpu_model()} ({platform.machine()}, "
                                                f"{os.cpu_count()} cores)"))
     can_run = _runtime(findings)
+    if can_run:
+        can_run = _model(findings)
 
     edgetpu_lib = _edgetpu_library()
     corals = sysinfo.coral_devices()
@@ -122,9 +150,10 @@ def run_checks() -> tuple[list[Finding], bool]:
                             (", ".join(cams) or "no /dev/video*") + ("; picamera2 importable" if picamera2 else ""),
                             "" if cams or picamera2 else "plug in a USB camera, or for a CSI camera: sudo apt install "
                             "python3-picamera2 and create the venv with --system-site-packages"))
-    findings.append(Finding("display", "ok" if sysinfo.display_available() else "info",
-                            "available" if sysinfo.display_available() else "none: run is headless (use --json, "
-                            "--record or --serve)"))
+    has_display, what = sysinfo.display_check()
+    findings.append(Finding("display", "ok" if has_display else "info",
+                            what if has_display else f"none: {what}; run is headless (use --json, --record or "
+                            "--serve)"))
     gov = sysinfo.governor()
     if gov is not None:
         findings.append(Finding("governor", "ok" if gov in ("performance", "ondemand", "schedutil") else "warn", gov,

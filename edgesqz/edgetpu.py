@@ -26,6 +26,7 @@ import os
 import platform
 import re
 import shutil
+import struct
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,8 +88,20 @@ def check_model(path: str | os.PathLike[str]) -> Check:
 
     from edgesqz.device.runtime import check_model_file
 
-    data = check_model_file(path)
-    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    data = check_model_file(path)  # the structure every command checks: indices, shapes, sizes
+    if not _has_custom_ops(data):
+        # What the runtime cannot load (its flatbuffer verifier reads every table), the Edge TPU compiler
+        # cannot compile: the same error as run/classify. Compiled models (edgetpu-custom-op) are not loaded.
+        from edgesqz.device.runtime import make_interpreter
+        from edgesqz.quiet import captured_output
+
+        with captured_output([]):  # the runtime's XNNPACK banner
+            make_interpreter(data, threads=1, src=f"model {path}")
+    try:
+        model = schema.ModelT.InitFromPackedBuf(data, 0)
+    except (struct.error, IndexError, ValueError, TypeError, UnicodeDecodeError) as exc:
+        raise EdgesqzError(f"model {path} is not a valid .tflite model (corrupt flatbuffer: {exc}); re-export it "
+                           "or copy it again") from exc
     result = Check(str(path))
     reasons = result.reasons
     op_names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
@@ -97,8 +110,13 @@ def check_model(path: str | os.PathLike[str]) -> Check:
         reasons.append(f"{len(model.subgraphs)} subgraphs: the Edge TPU compiler supports exactly one "
                        "(remove control flow such as tf.cond / while loops)")
     sub = model.subgraphs[0]
-    codes = [op_names.get(max(c.builtinCode, c.deprecatedBuiltinCode), f"CUSTOM:{c.customCode!r}")
-             for c in model.operatorCodes]
+    sub.operators, sub.tensors = sub.operators or [], sub.tensors or []
+    sub.inputs = [] if sub.inputs is None else sub.inputs
+    sub.outputs = [] if sub.outputs is None else sub.outputs
+    codes = [op_names.get(max(c.builtinCode, c.deprecatedBuiltinCode), "CUSTOM")
+             for c in model.operatorCodes or []]
+    codes = [f"CUSTOM:{_text(c.customCode)}" if name == "CUSTOM" else name
+             for name, c in zip(codes, model.operatorCodes or [], strict=True)]
     param_tensors = set()
     for op in sub.operators:
         name = codes[op.opcodeIndex]
@@ -113,13 +131,13 @@ def check_model(path: str | os.PathLike[str]) -> Check:
     for op in sub.operators[tail_start:]:
         name = codes[op.opcodeIndex]
         result.cpu_ops[name] = result.cpu_ops.get(name, 0) + 1
-        tail_tensors.update(int(t) for t in op.outputs)
+        tail_tensors.update(int(t) for t in (op.outputs if op.outputs is not None else []))
     mapped: dict[str, int] = {}
     for op in sub.operators[:tail_start]:
         mapped[codes[op.opcodeIndex]] = mapped.get(codes[op.opcodeIndex], 0) + 1
     first = sub.operators[0] if len(sub.operators) else None
-    float_input = (first is not None and codes[first.opcodeIndex] == "DEQUANTIZE"
-                   and int(first.inputs[0]) in [int(i) for i in sub.inputs])
+    float_input = (first is not None and codes[first.opcodeIndex] == "DEQUANTIZE" and first.inputs is not None
+                   and len(first.inputs) > 0 and int(first.inputs[0]) in [int(i) for i in sub.inputs])
     for name, count in sorted(mapped.items()):
         if name not in SUPPORTED_OPS:
             hint = (": the uint8 input goes through float (DEQUANTIZE + QUANTIZE, the fast form for XNNPACK); for "
@@ -131,11 +149,12 @@ def check_model(path: str | os.PathLike[str]) -> Check:
         _check_op_limits(codes[op.opcodeIndex], op, sub, model.buffers, reasons)
 
     float_tensors, dynamic, too_many_dims = [], [], []
+    mapped_inputs = {int(i) for op in sub.operators[:tail_start] for i in (op.inputs if op.inputs is not None else [])}
     for index, t in enumerate(sub.tensors):
         if index in tail_tensors or (t.buffer and model.buffers[t.buffer].data is not None
-                                     and all(index not in op.inputs for op in sub.operators[:tail_start])):
+                                     and index not in mapped_inputs):
             continue  # made on the CPU after the Edge TPU, or a constant only the tail reads
-        tname = t.name.decode() if isinstance(t.name, bytes) else str(t.name)
+        tname = _text(t.name)
         ttype = type_names.get(t.type, "?")
         if ttype not in ("INT8", "UINT8", "INT32"):
             float_tensors.append(f"{tname} ({ttype})")
@@ -164,6 +183,20 @@ def check_model(path: str | os.PathLike[str]) -> Check:
     return result
 
 
+def _has_custom_ops(data: bytes) -> bool:
+    """Does the (validated) model use custom ops, e.g. an already compiled edgetpu-custom-op?"""
+    from ai_edge_litert import schema_py_generated as schema
+
+    m = schema.Model.GetRootAs(data, 0)
+    custom = schema.BuiltinOperator.CUSTOM
+    return any(max(m.OperatorCodes(i).BuiltinCode(), m.OperatorCodes(i).DeprecatedBuiltinCode()) == custom
+               for i in range(m.OperatorCodesLength()))
+
+
+def _text(value: str | bytes | None) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
 def _cpu_tail_start(sub: Any, codes: list[str], buffers: Any, type_names: dict[int, str]) -> int:
     """Index of the first op of a float tail the CPU runs after the int8 graph (``len(ops)``: none).
 
@@ -173,6 +206,9 @@ def _cpu_tail_start(sub: Any, codes: list[str], buffers: Any, type_names: dict[i
     ops = list(sub.operators)
     for start, op in enumerate(ops):
         if start == 0 or codes[op.opcodeIndex] not in ("DEQUANTIZE", "CAST"):
+            continue
+        if op.inputs is None or op.outputs is None or len(op.inputs) < 1 or len(op.outputs) < 1 \
+                or min(int(op.inputs[0]), int(op.outputs[0])) < 0:
             continue
         source, target = sub.tensors[int(op.inputs[0])], sub.tensors[int(op.outputs[0])]
         if (type_names.get(source.type) not in ("INT8", "UINT8") or type_names.get(target.type) != "FLOAT32"
@@ -191,16 +227,17 @@ def _check_op_limits(name: str, op: Any, sub: Any, model_buffers: Any, reasons: 
     if (name in ("MAX_POOL_2D", "AVERAGE_POOL_2D", "CONCATENATION") and opts is not None
             and getattr(opts, "fusedActivationFunction", 0) != 0):
         reasons.append(f"{name} with a fused activation is not supported")
-    if name == "SOFTMAX":
-        shape = list(sub.tensors[op.inputs[0]].shape)
+    inputs = [int(i) for i in op.inputs] if op.inputs is not None else []
+    if name == "SOFTMAX" and inputs and inputs[0] >= 0:
+        shape = [int(d) for d in sub.tensors[inputs[0]].shape] if sub.tensors[inputs[0]].shape is not None else []
         elements = 1
         for d in shape:
             elements *= d
         if sum(1 for d in shape if d > 1) > 1 or elements > SOFTMAX_MAX_ELEMENTS:
             reasons.append(f"SOFTMAX on {shape}: only 1-D inputs of at most {SOFTMAX_MAX_ELEMENTS} elements")
-    if name == "MEAN":
-        shape = [int(d) for d in sub.tensors[op.inputs[0]].shape]
-        axes_data = model_buffers[sub.tensors[op.inputs[1]].buffer].data
+    if name == "MEAN" and len(inputs) >= 2 and min(inputs[:2]) >= 0:
+        shape = [int(d) for d in sub.tensors[inputs[0]].shape] if sub.tensors[inputs[0]].shape is not None else []
+        axes_data = model_buffers[sub.tensors[inputs[1]].buffer].data
         axes = [int(a) % max(len(shape), 1) for a in np.frombuffer(bytes(axes_data), np.int32)] \
             if axes_data is not None else []
         if 0 in axes and shape and shape[0] > 1:
@@ -246,21 +283,43 @@ def parse_compiler_log(log: str) -> list[dict[str, Any]]:
 
 
 def compile_model(path: str | os.PathLike[str], out_dir: str | os.PathLike[str] | None = None,
-                  compiler: str = "edgetpu_compiler") -> Compiled:
-    """Run ``edgetpu_compiler`` on the model; a clear error when it is missing or fails."""
+                  compiler: str = "edgetpu_compiler", *, force: bool = False) -> Compiled:
+    """Run ``edgetpu_compiler`` on the model; a clear error when it is missing or fails.
+
+    ``MODEL_edgetpu.tflite`` and its ``.log`` go to ``out_dir`` (default: beside the model), checked
+    before the compiler runs (an existing file is replaced only with ``force``) and moved there whole:
+    the compiler works in a temporary folder.
+    """
+    import tempfile
+
+    from edgesqz.fileio import atomic_write, check_distinct, check_output, os_error
+
     exe = shutil.which(compiler)
     if exe is None:
         where = "" if platform.machine() in ("x86_64", "AMD64") else f" (this is {platform.machine()})"
         raise EdgesqzError(INSTALL_COMPILER + where)
     path = Path(path)
     out = Path(out_dir) if out_dir else path.parent
-    out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run([exe, "--show_operations", "--out_dir", str(out), str(path)], capture_output=True,
-                          text=True, timeout=600)
-    log = proc.stdout + proc.stderr
-    log_path = out / f"{path.stem}_edgetpu.log"
-    if proc.returncode != 0:
-        log_path.write_text(log)
-        first = next((line for line in log.splitlines() if line.strip()), "no output")
-        raise EdgesqzError(f"edgetpu_compiler failed: {first} (log: {log_path})")
-    return Compiled(out / f"{path.stem}_edgetpu.tflite", log, parse_compiler_log(log))
+    inputs = [("the model", path)]
+    target = check_output(out / f"{path.stem}_edgetpu.tflite", force=force, what="compiled model",
+                          option="--out-dir", inputs=inputs)
+    log_path = check_output(out / f"{path.stem}_edgetpu.log", force=force, what="compiler log", option="--out-dir",
+                            inputs=inputs)
+    check_distinct([("compiled model", target), ("compiler log", log_path)])
+    with tempfile.TemporaryDirectory(prefix=".edgetpu-", dir=out) as work:
+        proc = subprocess.run([exe, "--show_operations", "--out_dir", work, str(path)], capture_output=True,
+                              text=True, timeout=600)
+        log = proc.stdout + proc.stderr
+        if proc.returncode != 0:
+            atomic_write(log_path, log, force=force)
+            first = next((line for line in log.splitlines() if line.strip()), "no output")
+            raise EdgesqzError(f"edgetpu_compiler failed: {first} (log: {log_path})")
+        produced = Path(work) / target.name
+        if not produced.exists():
+            raise EdgesqzError(f"edgetpu_compiler wrote no {target.name}; its output: {log.strip()[:200]}")
+        try:
+            atomic_write(target, produced.read_bytes(), force=force)
+        except OSError as exc:
+            raise os_error(target, exc, "read") from exc
+        atomic_write(log_path, log, force=force)
+    return Compiled(target, log, parse_compiler_log(log))

@@ -22,3 +22,12 @@ class AccuracyGateError(EdgesqzError):
     """The exported model lost more accuracy than ``--max-drop`` allows."""
 
     exit_code = 3
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP outside a run: unwind like Ctrl-C (clean-ups run, temporary files go), then exit
+    128 + the signal's number. A BaseException, so ``except Exception`` blocks do not swallow it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -22,9 +22,9 @@ Progress = Callable[[int], None]
 
 
 def tflite_outputs(model: bytes, images: np.ndarray, *, threads: int | None = None,
-                   progress: Progress | None = None) -> np.ndarray:
+                   progress: Progress | None = None, src: str | None = None) -> np.ndarray:
     """Float outputs (logits, or class maps averaged to logits) of a TFLite model on uint8 RGB images."""
-    interpreter, _ = make_interpreter(model, threads=threads)
+    interpreter, _ = make_interpreter(model, threads=threads, src=src)
     inp = interpreter.get_input_details()[0]
     out = interpreter.get_output_details()[0]
     in_scale, in_zero = inp["quantization"]
@@ -133,11 +133,12 @@ def compare(reference: np.ndarray, model: np.ndarray, targets: np.ndarray,
     }
 
 
-def latency_ms(model: bytes, *, threads: int | None = None, runs: int = 50, warmup: int = 5) -> dict[str, float]:
+def latency_ms(model: bytes, *, threads: int | None = None, runs: int = 50, warmup: int = 5,
+               src: str | None = None) -> dict[str, float]:
     """Steady-state invoke latency (p50/p90, ms) on a zero input."""
     import time
 
-    interpreter, _ = make_interpreter(model, threads=threads)
+    interpreter, _ = make_interpreter(model, threads=threads, src=src)
     inp = interpreter.get_input_details()[0]
     interpreter.set_tensor(inp["index"], np.zeros(inp["shape"], inp["dtype"]))
     for _ in range(warmup):
@@ -157,6 +158,7 @@ def compare_models(model_a: str, model_b: str, folder: str, *, threads: int | No
     from pathlib import Path
 
     from edgesqz.datasets import labelled_files, load_images
+    from edgesqz.device.classifier import check_classifier_io
     from edgesqz.device.runtime import check_model_file
     from edgesqz.errors import EdgesqzError
     from edgesqz.imaging import Preprocessing
@@ -164,8 +166,21 @@ def compare_models(model_a: str, model_b: str, folder: str, *, threads: int | No
     from edgesqz.schema import report
     from edgesqz.tflite_metadata import read_metadata
 
-    data = {name: check_model_file(path) for name, path in (("a", model_a), ("b", model_b))}
-    metas = {name: read_metadata(blob) for name, blob in data.items()}
+    paths = {"a": model_a, "b": model_b}
+    data = {name: check_model_file(path) for name, path in paths.items()}
+    metas = {name: read_metadata(blob, src=f"model {paths[name]}") for name, blob in data.items()}
+    sizes, classes = {}, {}
+    for name, blob in data.items():  # both must be image classifiers of the same input size and classes
+        interpreter, _ = make_interpreter(blob, threads=1, src=f"model {paths[name]}")
+        inputs, outputs = interpreter.get_input_details(), interpreter.get_output_details()
+        classes[name] = check_classifier_io(f"model {paths[name]}", inputs, outputs)
+        sizes[name] = int(inputs[0]["shape"][1])
+    if sizes["a"] != sizes["b"]:
+        raise EdgesqzError(f"the models take different input sizes ({model_a}: {sizes['a']}x{sizes['a']}, {model_b}: "
+                           f"{sizes['b']}x{sizes['b']}); compare models converted for the same --input-size")
+    if classes["a"] != classes["b"]:
+        raise EdgesqzError(f"the models have different numbers of classes ({model_a}: {classes['a']}, {model_b}: "
+                           f"{classes['b']}); compare models of the same task")
     if labels_path:
         labels = load_labels(labels_path)
     else:
@@ -173,18 +188,20 @@ def compare_models(model_a: str, model_b: str, folder: str, *, threads: int | No
         if not meta.labels:
             raise EdgesqzError(f"{model_a} has no embedded labels; pass --labels FILE")
         ids = (meta.info.get("labels") or {}).get("ids")
-        labels = Labels(tuple(meta.labels), tuple(ids) if ids else None)
-    sizes = {name: int((m.info.get("input") or {}).get("size") or 224) for name, m in metas.items()}
-    if sizes["a"] != sizes["b"]:
-        raise EdgesqzError(f"the models take different input sizes ({sizes['a']} and {sizes['b']})")
-    pre = Preprocessing(size=sizes["a"])
-    lf = labelled_files(folder, labels)
+        labels = Labels(tuple(meta.labels), tuple(ids) if ids and len(ids) == len(meta.labels) else None)
+    if len(labels) != classes["a"]:
+        origin = f"labels file {labels_path}" if labels_path else f"{model_a}'s embedded labels.txt"
+        raise EdgesqzError(f"{origin} has {len(labels)} labels but the models output {classes['a']} classes; pass the "
+                           "labels the models were converted with")
+    crop = (metas["a"].info.get("preprocessing") or {}).get("crop_fraction")  # 1.0 for CIFAR models
+    pre = Preprocessing(size=sizes["a"], crop_fraction=Preprocessing().crop_fraction if crop is None else float(crop))
+    lf = labelled_files(folder, labels, option="--data")
     make = progress or (lambda _d, _t: (lambda _n: None))
     images = load_images(lf.files, pre, make("decode", len(lf.files)))
     ok = set(images.sources)
     targets = np.array([t for f, t in zip(lf.files, lf.targets, strict=True) if str(f) in ok])
-    outs = {name: tflite_outputs(blob, images.images, threads=threads, progress=make(f"model {name.upper()}",
-                                                                                      len(targets)))
+    outs = {name: tflite_outputs(blob, images.images, threads=threads, src=f"model {paths[name]}",
+                                 progress=make(f"model {name.upper()}", len(targets)))
             for name, blob in data.items()}
     if outs["a"].shape != outs["b"].shape:
         raise EdgesqzError(f"the models' outputs differ in shape: {outs['a'].shape[1:]} vs {outs['b'].shape[1:]}")
@@ -194,7 +211,7 @@ def compare_models(model_a: str, model_b: str, folder: str, *, threads: int | No
     for name, path in (("a", model_a), ("b", model_b)):
         models[name] = {"model": str(Path(path)), "size_bytes": len(data[name]),
                         "format": metas[name].info.get("format"), **accuracy(outs[name], targets).to_dict(),
-                        "latency": latency_ms(data[name], threads=threads)}
+                        "latency": latency_ms(data[name], threads=threads, src=f"model {path}")}
     return report("compare_report", folder=str(folder), images=len(targets), a=models["a"], b=models["b"],
                   top1_agreement=block["top1_agreement"], top1_agreement_ci95=block["top1_agreement_ci95"],
                   top1_difference=round(models["a"]["top1"] - models["b"]["top1"], 3),

@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgesqz.errors import EdgesqzError
+from edgesqz.fileio import read_capped
+
+MAX_LABELS_BYTES = 8 << 20  # as the labels embedded in a model
 
 
 @dataclass(frozen=True)
@@ -39,16 +42,28 @@ class Labels:
 def load_labels(path: str | Path) -> Labels:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            data = read_capped(f, MAX_LABELS_BYTES)
     except FileNotFoundError as exc:
         raise EdgesqzError(f"labels file {path} does not exist") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise EdgesqzError(f"cannot read labels file {path}: {exc}") from exc
+    except IsADirectoryError as exc:
+        raise EdgesqzError(f"labels file {path} is a folder; pass the file") from exc
+    except OSError as exc:
+        raise EdgesqzError(f"cannot read labels file {path}: {exc.strerror or exc}") from exc
+    if data is None:
+        raise EdgesqzError(f"labels file {path} is larger than {MAX_LABELS_BYTES >> 20} MB; is it a labels file?")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise EdgesqzError(f"labels file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at position "
+                           f"{exc.start}); save it as UTF-8") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise EdgesqzError(f"labels file {path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        except RecursionError:
+            raise EdgesqzError(f"labels file {path} is not a list of labels (nested too deeply)") from None
         if isinstance(data, list) and all(isinstance(x, str) for x in data):
             labels = Labels(tuple(data))
         elif isinstance(data, dict) and all(

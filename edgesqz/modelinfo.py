@@ -50,9 +50,9 @@ def describe(path: str | os.PathLike[str], threads: int | None = None) -> dict[s
     from edgesqz.device.runtime import check_model_file, delegate_coverage, make_interpreter
 
     data = check_model_file(path)
-    meta = read_metadata(data)
+    meta = read_metadata(data, src=f"model {path}")
     with captured_output([]):  # the runtime's one-off XNNPACK banner
-        interpreter, backend = make_interpreter(data, threads=threads)
+        interpreter, backend = make_interpreter(data, threads=threads, src=f"model {path}")
     return record(
         "model_info",
         model=str(Path(path)),

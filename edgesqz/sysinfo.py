@@ -10,6 +10,7 @@ import importlib.util
 import os
 import platform
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -104,8 +105,47 @@ def coral_devices() -> list[str]:
     return found
 
 
+def _connects(family: int, address: Any, timeout: float) -> bool:
+    try:
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(address)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def display_check(timeout: float = 0.5) -> tuple[bool, str]:
+    """(is there a display to open a window on, what was found): connects to the X server or Wayland
+    compositor the environment names instead of trusting the variable (``DISPLAY=:99`` with no server)."""
+    wayland = os.environ.get("WAYLAND_DISPLAY")
+    if wayland:
+        path = wayland if wayland.startswith("/") else os.path.join(os.environ.get("XDG_RUNTIME_DIR", "/"), wayland)
+        if _connects(socket.AF_UNIX, path, timeout):
+            return True, f"Wayland display {wayland}"
+    display = os.environ.get("DISPLAY")
+    if not display:
+        return False, ("no display ($DISPLAY and $WAYLAND_DISPLAY are unset)" if not wayland
+                       else f"WAYLAND_DISPLAY={wayland} but no compositor answers there")
+    host, _, rest = display.rpartition(":")
+    number = rest.split(".")[0]
+    if not number.isdigit():
+        return False, f"DISPLAY={display} is not of the form [HOST]:N"
+    n = int(number)
+    if host in ("", "unix"):  # Xorg listens on an abstract socket and on /tmp/.X11-unix/X<n>
+        found = any(_connects(socket.AF_UNIX, a, timeout) for a in (f"\0/tmp/.X11-unix/X{n}", f"/tmp/.X11-unix/X{n}"))
+    elif host.startswith("/"):  # a socket path (XQuartz)
+        found = _connects(socket.AF_UNIX, display, timeout)
+    else:
+        found = _connects(socket.AF_INET6 if ":" in host.strip("[]") else socket.AF_INET,
+                          (host.strip("[]"), 6000 + n), timeout)
+    if found:
+        return True, f"X server {display}"
+    return False, f"DISPLAY={display} but no X server answers there"
+
+
 def display_available() -> bool:
-    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
+    return display_check()[0]
 
 
 def facts() -> dict[str, Any]:

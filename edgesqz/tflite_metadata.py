@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import struct
 import zipfile
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import flatbuffers
 import numpy as np
@@ -187,24 +189,55 @@ def _open_zip_tail(buf: bytes) -> zipfile.ZipFile | None:
         return None
 
 
-def _split_labels(data: bytes) -> list[str]:
-    lines = data.decode("utf-8").split("\n")
+# An associated file is inflated only up to this size: labels for 100,000 classes or a generous
+# edgesqz.json fit, a zip bomb does not.
+MAX_ASSOCIATED_BYTES = 8 << 20
+
+
+def _read_member(zf: zipfile.ZipFile, name: str, src: str) -> bytes:
+    """One associated file, never inflating more than :data:`MAX_ASSOCIATED_BYTES`."""
+    info = zf.getinfo(name)
+    if info.file_size > MAX_ASSOCIATED_BYTES:
+        raise _not_tflite(src, f"its embedded {name} claims {info.file_size / 2**20:.0f} MiB (at most "
+                               f"{MAX_ASSOCIATED_BYTES >> 20} MiB)")
+    with zf.open(info) as f:  # reads stop at the declared size; a CRC mismatch raises BadZipFile
+        data = f.read(MAX_ASSOCIATED_BYTES + 1)
+    if len(data) > MAX_ASSOCIATED_BYTES:
+        raise _not_tflite(src, f"its embedded {name} inflates past {MAX_ASSOCIATED_BYTES >> 20} MiB")
+    return data
+
+
+def _utf8(data: bytes, name: str, src: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _not_tflite(src, f"its embedded {name} is not UTF-8 text (byte 0x{data[e.start]:02x} at position "
+                               f"{e.start})") from None
+
+
+def _split_labels(text: str) -> list[str]:
+    lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     return [line.removesuffix("\r") for line in lines]
 
 
-def read_metadata(model: bytes | str | os.PathLike) -> ModelMetadata:
-    """Read what embed_metadata wrote; a model without metadata gives empty fields, never raises for that."""
+def read_metadata(model: bytes | str | os.PathLike, *, src: str | None = None) -> ModelMetadata:
+    """Read what embed_metadata wrote; a model without metadata gives empty fields, never raises for that.
+
+    Damaged metadata (a flatbuffer out of bounds, an associated file that is not UTF-8, larger than
+    :data:`MAX_ASSOCIATED_BYTES` or not valid JSON, values of the wrong type in ``edgesqz.json``) raises
+    :class:`EdgesqzError` naming ``src`` (default: the file name, or "the model data").
+    """
     if isinstance(model, (str, os.PathLike)):
-        src = os.fspath(model)
+        src = src or os.fspath(model)
         try:
-            with open(src, "rb") as f:
+            with open(model, "rb") as f:
                 buf = f.read()
         except OSError as e:
             raise EdgesqzError(f"cannot read model file {src}: {e.strerror or e}") from e
     else:
-        src, buf = "the model data", bytes(model)
+        src, buf = src or "the model data", bytes(model)
     if len(buf) < 8 or buf[4:8] != _TFLITE_ID:
         raise _not_tflite(src, "no TFL3 file identifier")
     try:
@@ -220,23 +253,110 @@ def read_metadata(model: bytes | str | os.PathLike) -> ModelMetadata:
         if needed is not None and needed not in names:
             raise _not_tflite(src, f"its metadata lists {needed} but the file is not packed in it; truncated?")
     try:
-        labels = _split_labels(zf.read(labels_file)) if zf is not None and labels_file else None
-        info = json.loads(zf.read(INFO_FILE)) if zf is not None and INFO_FILE in names else {}
+        labels_data = _read_member(zf, labels_file, src) if zf is not None and labels_file else None
+        info_data = _read_member(zf, INFO_FILE, src) if zf is not None and INFO_FILE in names else None
     except _ZIP_ERRORS as e:
         raise _not_tflite(src, "corrupt associated files in its zip tail") from e
+    labels = _split_labels(_utf8(labels_data, labels_file or LABELS_FILE, src)) if labels_data is not None else None
+    info: Any = {}
+    if info_data is not None:
+        try:
+            info = json.loads(_utf8(info_data, INFO_FILE, src))
+        except (ValueError, RecursionError) as e:
+            raise _not_tflite(src, f"its embedded {INFO_FILE} is not valid JSON") from e
     if not isinstance(info, dict):
         raise _not_tflite(src, f"{INFO_FILE} is not a JSON object")
+    check_info(info, src)
+    mean, std = fields.get("mean"), fields.get("std")
+    for what, values in (("mean", mean), ("std", std)):
+        if values is not None and (len(values) not in (1, 3) or not all(math.isfinite(v) for v in values)
+                                   or (what == "std" and 0.0 in values)):
+            raise _bad_value(src, f"TFLite metadata NormalizationOptions.{what}", values,
+                             "1 or 3 finite numbers" + (", none 0" if what == "std" else ""))
     return ModelMetadata(
         name=fields.get("name"),
         description=fields.get("description"),
         version=fields.get("version"),
         labels=labels,
         info=info,
-        mean=fields.get("mean"),
-        std=fields.get("std"),
+        mean=mean,
+        std=std,
         has_tflite_metadata=meta_buf is not None,
         associated_files=names,
     )
+
+
+# --------------------------------------------------------------------------- edgesqz.json values
+
+_Spec = Any  # a type, a tuple of types, a dict of specs (a JSON object), or a list [spec] (a JSON list)
+_NUMBER = (int, float)
+# What edgesqz reads from edgesqz.json (docs/model-format.md); other keys are kept and not checked.
+INFO_SPEC: dict[str, _Spec] = {
+    "schema": str, "task": str, "architecture": str, "format": str, "created": str, "edgesqz_version": str,
+    "input": {"size": int, "layout": str, "color_order": str, "range": [_NUMBER], "dtype": str,
+              "normalization": str},
+    "preprocessing": {"size": int, "crop_fraction": _NUMBER, "resize": str, "interpolation": str,
+                      "color_order": str, "input_range": [_NUMBER], "mean": [_NUMBER], "std": [_NUMBER]},
+    "output": {"kind": str, "classes": int},
+    "labels": {"count": int, "ids": [str]},
+    "source_weights": {"source": str, "file": str, "sha256": str, "kind": str},
+    "calibration": {"source": str, "kind": str, "count": int, "skipped": int, "seed": int, "method": str},
+    "accuracy": {"images": int, "reference": {"top1": _NUMBER, "top5": _NUMBER},
+                 "model": {"top1": _NUMBER, "top5": _NUMBER}, "top1_drop": _NUMBER, "top1_agreement": _NUMBER,
+                 "top1_agreement_ci95": [_NUMBER], "top1_drop_ci95": [_NUMBER], "tied_top_outputs": _NUMBER,
+                 "excluded_calibration_images": int, "skipped_unreadable": int},
+}
+# Ranges of the values the device acts on.
+_RANGES: dict[str, tuple[str, Any]] = {
+    "input.size": ("a whole number from 1 to 16384", lambda v: 1 <= v <= 16384),
+    "preprocessing.size": ("a whole number from 1 to 16384", lambda v: 1 <= v <= 16384),
+    "preprocessing.crop_fraction": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "preprocessing.color_order": ("RGB or BGR", lambda v: v.upper() in ("RGB", "BGR")),
+    "input.color_order": ("RGB or BGR", lambda v: v.upper() in ("RGB", "BGR")),
+    "output.kind": ("logits, probabilities or class_map", lambda v: v in ("logits", "probabilities", "class_map")),
+    "output.classes": ("a whole number >= 2", lambda v: v >= 2),
+}
+_TYPE_NAMES = {str: "a string", int: "a whole number", _NUMBER: "a number", bool: "true or false"}
+
+
+def _bad_value(src: str, key: str, value: Any, expected: str) -> EdgesqzError:
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    return EdgesqzError(f"{src}: its embedded metadata has {key} = {shown}, expected {expected}; the metadata in "
+                        "the model file is damaged or was not written by edgesqz: convert the model again")
+
+
+def _matches(value: Any, kind: Any) -> bool:
+    if isinstance(value, bool):  # JSON true/false is not a number
+        return kind is bool
+    if kind is _NUMBER:
+        return isinstance(value, _NUMBER) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def check_info(info: dict[str, Any], src: str, spec: dict[str, _Spec] | None = None, prefix: str = "") -> None:
+    """Check the types (and, for what the device acts on, the ranges) of ``edgesqz.json``'s values.
+
+    ``null`` stands for "absent" everywhere; keys the spec does not know are not checked.
+    """
+    for key, kind in (INFO_SPEC if spec is None else spec).items():
+        value = info.get(key)
+        path = f"{prefix}{key}"
+        if value is None:
+            continue
+        if isinstance(kind, dict):
+            if not isinstance(value, dict):
+                raise _bad_value(src, path, value, "a JSON object")
+            check_info(value, src, kind, f"{path}.")
+            continue
+        if isinstance(kind, list):
+            if not isinstance(value, list) or not all(_matches(v, kind[0]) for v in value):
+                raise _bad_value(src, path, value, f"a list of {_TYPE_NAMES[kind[0]].split(' ', 1)[1]}s")
+            continue
+        if not _matches(value, kind):
+            raise _bad_value(src, path, value, _TYPE_NAMES[kind])
+        if path in _RANGES and not _RANGES[path][1](value):
+            raise _bad_value(src, path, value, _RANGES[path][0])
 
 
 # --------------------------------------------------------------------------- writing

@@ -1,10 +1,20 @@
-"""``edgesqz train``: fine-tune SqueezeNet on a folder of the user's own images (Keras + tf.data).
+"""``edgesqz train``: train SqueezeNet on a folder of the user's own images (Keras + tf.data).
 
 The data folder has one sub-folder per class. The model trains on RGB pixels (0..255) with the
-ImageNet normalisation as its first layer, and is saved as the plain SqueezeNet (normalised
-input, logits out, torchvision layer names) so ``edgesqz convert --weights OUT.keras`` treats it
-like any other weights. The class names go into the ``.keras`` archive (``edgesqz.json``) and
-from there into the converted model's labels.
+architecture's normalisation as its first layer, and is saved as the plain SqueezeNet (normalised
+input, logits out, PyTorch layer names) so ``edgesqz convert --weights OUT.keras`` treats it
+like any other weights. The class names, the architecture description and the preprocessing go
+into the ``.keras`` archive (``edgesqz.json``) and from there into the converted model.
+
+One training loop, two recipes (:class:`Recipe`):
+
+- ``--arch 1_0|1_1`` (torchvision): fine-tune torchvision's ImageNet weights (``--from imagenet``:
+  two epochs train only the new classifier, then everything at a tenth of the rate) or train the
+  batch-norm variant from scratch (``--from none``); Adam with cosine decay; Inception-style crops.
+- ``--arch cifar`` (pytorch-cifar100's network, from scratch): its recipe — SGD with momentum 0.9,
+  L2 weight decay 5e-4 on every parameter (PyTorch's coupled form), learning rate 0.1 with a
+  one-epoch linear warm-up and x0.2 steps at 30/60/80 % of the epochs (its 60/120/160 of 200),
+  batches of 128, random crops of the image padded by 4 pixels, horizontal flips.
 
 Runs elsewhere: the model-building code is plain Keras, so on several GPUs build and compile it
 inside ``tf.distribute.MirroredStrategy().scope()`` (or set a ``keras.distribution`` data-parallel
@@ -24,11 +34,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
+from edgesqz.architecture import Architecture, architecture
 from edgesqz.errors import EdgesqzError
-from edgesqz.imaging import IMAGE_SUFFIXES, IMAGENET_MEAN, IMAGENET_STD
+from edgesqz.imaging import IMAGE_SUFFIXES, Preprocessing, read_image
 
 LABELS_MEMBER = "edgesqz.json"
 
@@ -39,18 +49,55 @@ class TrainOptions:
     output: str = "model.keras"
     val: str | None = None
     val_split: float = 0.2
-    version: str = "1_1"
-    init: str = "imagenet"  # "imagenet": fine-tune torchvision's weights; "none": from scratch (BN Fire)
+    arch: str = "1_1"  # "1_0", "1_1" (torchvision) or "cifar" (pytorch-cifar100's network)
+    init: str | None = None  # "imagenet": fine-tune torchvision's weights; "none": from scratch (batch-norm Fire)
     weights: str = "torchvision"  # where the ImageNet weights come from (a .pth path works offline)
     epochs: int = 10
-    batch_size: int = 32
-    input_size: int = 224
+    batch_size: int | None = None  # None: the recipe's (32; 128 for cifar)
+    input_size: int | None = None  # None: the architecture's (224; 32 for cifar)
     learning_rate: float | None = None
-    patience: int = 3
+    patience: int | None = None  # None: the recipe's (3; no early stopping for cifar's step schedule)
     freeze_epochs: int = 2  # --from imagenet: first train only the new classifier, then everything
     seed: int = 0
     force: bool = False
     resume: bool = False
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one kind of network is trained."""
+
+    optimizer: str  # "adam" (cosine decay) | "sgd" (momentum, warm-up, step decay)
+    learning_rate: float
+    batch_size: int
+    augment: str  # "inception" (random resized crop) | "pad_crop" (pad 4, random crop)
+    patience: int | None  # None: no early stopping
+    weight_decay: float = 0.0  # coupled L2, as PyTorch's SGD weight_decay
+    momentum: float = 0.9
+    warmup_epochs: int = 0
+    milestones: tuple[float, ...] = ()  # fractions of the epochs where the rate is multiplied by gamma
+    gamma: float = 0.2
+
+
+FINE_TUNE = Recipe("adam", 1e-3, 32, "inception", 3)
+FROM_SCRATCH = Recipe("adam", 3e-3, 32, "inception", 3)
+CIFAR = Recipe("sgd", 0.1, 128, "pad_crop", None, weight_decay=5e-4, warmup_epochs=1, milestones=(0.3, 0.6, 0.8))
+
+
+def resolve_options(opts: TrainOptions) -> tuple[Architecture, Recipe, str]:
+    """(architecture, recipe, init) for the options, or a clear error."""
+    try:
+        arch = architecture(opts.arch)
+    except EdgesqzError as exc:
+        raise EdgesqzError(f"--arch: {exc}") from None
+    init = opts.init or ("none" if arch.layout == "cifar" else "imagenet")
+    if init not in ("imagenet", "none"):
+        raise EdgesqzError(f"--from must be imagenet or none, not {opts.init!r}")
+    if init == "imagenet" and (arch.layout != "torchvision" or arch.batch_norm):
+        raise EdgesqzError(f"--from imagenet: there are no ImageNet weights for the {arch.label}; "
+                           "train it from scratch with --from none")
+    recipe = CIFAR if arch.layout == "cifar" else FINE_TUNE if init == "imagenet" else FROM_SCRATCH
+    return arch, recipe, init
 
 
 @dataclass
@@ -71,8 +118,12 @@ def _class_files(root: Path) -> tuple[list[str], dict[str, list[Path]]]:
 
 
 def _readable(path: Path) -> bool:
-    data = np.fromfile(str(path), dtype=np.uint8)
-    return data.size > 0 and cv2.imdecode(data, cv2.IMREAD_REDUCED_COLOR_8) is not None
+    """Whether the one image reader accepts it (so tf.data never meets a forged or oversized image)."""
+    try:
+        read_image(path)
+    except EdgesqzError:
+        return False
+    return True
 
 
 def scan(opts: TrainOptions) -> Split:
@@ -120,19 +171,33 @@ def scan(opts: TrainOptions) -> Split:
     return Split(classes, train, val, skipped)
 
 
-def dataset(items: list[tuple[str, int]], *, size: int, batch_size: int, training: bool, seed: int) -> Any:
+def dataset(items: list[tuple[str, int]], *, pre: Preprocessing, batch_size: int, training: bool, seed: int,
+            augment: str = "inception") -> Any:
     """tf.data pipeline: parallel decode, augmentation (training) or the device's centre crop, prefetch."""
     import tensorflow as tf
 
+    size = pre.size
     paths = tf.constant([p for p, _ in items])
     labels = tf.constant([t for _, t in items], tf.int32)
     ds = tf.data.Dataset.from_tensor_slices((paths, labels))
     if training:
         ds = ds.shuffle(len(items), seed=seed, reshuffle_each_iteration=True)
 
+    def centre(image: tf.Tensor, fraction: float) -> tf.Tensor:
+        shape = tf.shape(image)
+        side = tf.cast(tf.round(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * fraction), tf.int32)
+        image = tf.image.crop_to_bounding_box(image, (shape[0] - side) // 2, (shape[1] - side) // 2, side, side)
+        return tf.image.resize(image, (size, size), antialias=True)
+
     def load(path: tf.Tensor, label: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        if training:
+        if training and augment == "pad_crop":
+            # pytorch-cifar100: RandomCrop(size, padding=4) and RandomHorizontalFlip on the whole image
+            image = centre(image, pre.crop_fraction)
+            image = tf.pad(image, [[4, 4], [4, 4], [0, 0]])
+            image = tf.image.random_crop(image, (size, size, 3))
+            image = tf.image.random_flip_left_right(image)
+        elif training:
             # Inception-style random crop (8 %..100 % of the area is too harsh for small data sets)
             begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
                 tf.shape(image), tf.zeros([0, 0, 4], tf.float32), min_object_covered=0.0,
@@ -145,10 +210,7 @@ def dataset(items: list[tuple[str, int]], *, size: int, batch_size: int, trainin
             image = tf.image.random_contrast(image, 0.8, 1.2)
             image = tf.clip_by_value(image, 0.0, 255.0)
         else:
-            shape = tf.shape(image)
-            side = tf.cast(tf.round(tf.cast(tf.minimum(shape[0], shape[1]), tf.float32) * 0.875), tf.int32)
-            image = tf.image.crop_to_bounding_box(image, (shape[0] - side) // 2, (shape[1] - side) // 2, side, side)
-            image = tf.image.resize(image, (size, size), antialias=True)
+            image = centre(image, pre.crop_fraction)
         return tf.cast(image, tf.float32), label
 
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
@@ -161,26 +223,30 @@ def build_model(opts: TrainOptions, classes: int) -> tuple[Any, Any]:
 
     from edgesqz.squeezenet import SqueezeNet
 
-    if opts.init == "imagenet":
-        if opts.version not in ("1_0", "1_1"):
-            raise EdgesqzError(f"--from imagenet needs SqueezeNet 1_0 or 1_1, not {opts.version}")
-        base = SqueezeNet(opts.version, classes=classes, classifier_activation=None,
-                          input_shape=(opts.input_size, opts.input_size, 3))
-        source = SqueezeNet(opts.version, weights=opts.weights, classifier_activation=None,
-                            input_shape=(opts.input_size, opts.input_size, 3))
+    arch, _, init = resolve_options(opts)
+    pre = training_preprocessing(opts, arch)
+    shape = (pre.size, pre.size, 3)
+    if init == "imagenet":
+        base = SqueezeNet(arch, classes=classes, classifier_activation=None, input_shape=shape)
+        source = SqueezeNet(arch, weights=opts.weights, classifier_activation=None, input_shape=shape)
+        head = arch.naming.head("conv")
         for layer in base.layers:
-            if layer.weights and layer.name != "classifier.1":
+            if layer.weights and layer.name != head:
                 layer.set_weights(source.get_layer(layer.name).get_weights())
-    elif opts.init == "none":
-        base = SqueezeNet(opts.version, classes=classes, classifier_activation=None, batch_norm=True,
-                          input_shape=(opts.input_size, opts.input_size, 3))
-    else:
-        raise EdgesqzError(f"--from must be imagenet or none, not {opts.init!r}")
-    pixels = keras.Input((opts.input_size, opts.input_size, 3), name="pixels")
-    mean = np.asarray(IMAGENET_MEAN, np.float32)
-    std = np.asarray(IMAGENET_STD, np.float32)
+    else:  # from scratch: with batch norm (the CIFAR network has it already)
+        base = SqueezeNet(arch, classes=classes, classifier_activation=None, batch_norm=True, input_shape=shape)
+    pixels = keras.Input(shape, name="pixels")
+    mean = np.asarray(pre.mean, np.float32)
+    std = np.asarray(pre.std, np.float32)
     x = keras.layers.Rescaling(1.0 / (255.0 * std), offset=-mean / std, name="normalize")(pixels)
     return keras.Model(pixels, base(x), name="trainer"), base
+
+
+def training_preprocessing(opts: TrainOptions, arch: Architecture) -> Preprocessing:
+    """The architecture's preprocessing at the training size (what the converted model will apply)."""
+    size = arch.preprocessing.size if opts.input_size is None else int(opts.input_size)
+    return Preprocessing(size=size, crop_fraction=arch.preprocessing.crop_fraction, mean=arch.preprocessing.mean,
+                         std=arch.preprocessing.std)
 
 
 def save_with_labels(base: Any, path: Path, classes: list[str], extra: dict[str, Any]) -> None:
@@ -196,13 +262,23 @@ def save_with_labels(base: Any, path: Path, classes: list[str], extra: dict[str,
             tmp.unlink()
 
 
-def read_labels(path: str | os.PathLike[str]) -> list[str] | None:
-    """Class names saved by :func:`save_with_labels` (None for other .keras files)."""
+def read_training_info(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """What :func:`save_with_labels` stored (labels, architecture, preprocessing); None for other .keras files."""
     try:
         with zipfile.ZipFile(path) as archive:
-            return list(json.loads(archive.read(LABELS_MEMBER))["labels"])
+            info = archive.getinfo(LABELS_MEMBER)
+            if info.file_size > 1 << 22:  # a few kB in practice; never inflate a bomb
+                return None
+            data = json.loads(archive.read(LABELS_MEMBER))
     except (KeyError, zipfile.BadZipFile, ValueError, OSError):
         return None
+    return data if isinstance(data, dict) else None
+
+
+def read_labels(path: str | os.PathLike[str]) -> list[str] | None:
+    """Class names saved by :func:`save_with_labels` (None for other .keras files)."""
+    labels = (read_training_info(path) or {}).get("labels")
+    return [str(x) for x in labels] if isinstance(labels, list) else None
 
 
 @dataclass
@@ -223,7 +299,7 @@ class TrainResult:
 
 def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
           verbose: int = 1) -> TrainResult:
-    """Fine-tune (or train from scratch) and save the best validation model to ``opts.output``."""
+    """Train with the architecture's recipe and save the best validation model to ``opts.output``."""
     out = Path(opts.output)
     if out.suffix != ".keras":
         raise EdgesqzError(f"output {out} must end in .keras")
@@ -232,15 +308,17 @@ def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] 
         raise EdgesqzError(f"{out} already exists; pass --force to replace it, --resume to continue, or choose -o")
     if opts.resume and not (state_dir / "last.keras").exists():
         raise EdgesqzError(f"nothing to resume: {state_dir / 'last.keras'} does not exist")
-    if opts.epochs < 1 or opts.batch_size < 1:
+    arch, recipe, init = resolve_options(opts)
+    batch_size = recipe.batch_size if opts.batch_size is None else opts.batch_size
+    patience = recipe.patience if opts.patience is None else opts.patience
+    if opts.epochs < 1 or batch_size < 1:
         raise EdgesqzError("--epochs and --batch-size must be >= 1")
-    from edgesqz.squeezenet import min_input_size
-
-    if opts.input_size < min_input_size(opts.version):
-        raise EdgesqzError(f"--input-size must be >= {min_input_size(opts.version)} for SqueezeNet {opts.version}")
+    if patience is not None and patience < 1:
+        raise EdgesqzError(f"--patience must be >= 1, got {patience}")
+    pre = training_preprocessing(opts, arch)
+    if pre.size < arch.min_input_size():
+        raise EdgesqzError(f"--input-size must be >= {arch.min_input_size()} for {arch.label}")
     split = scan(opts)
-    if opts.init == "imagenet" and opts.version not in ("1_0", "1_1"):
-        raise EdgesqzError(f"--from imagenet needs SqueezeNet 1_0 or 1_1, not {opts.version}")
     out.parent.mkdir(parents=True, exist_ok=True)
     state_dir.mkdir(parents=True, exist_ok=True)
 
@@ -249,9 +327,12 @@ def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] 
     quiet_tensorflow_env()
     with captured_output([]):
         import keras
+    from edgesqz import schedules  # also registers the warm-up/step schedule, for --resume
+
     keras.utils.set_random_seed(opts.seed)
-    train_ds = dataset(split.train, size=opts.input_size, batch_size=opts.batch_size, training=True, seed=opts.seed)
-    val_ds = dataset(split.val, size=opts.input_size, batch_size=opts.batch_size, training=False, seed=opts.seed)
+    train_ds = dataset(split.train, pre=pre, batch_size=batch_size, training=True, seed=opts.seed,
+                       augment=recipe.augment)
+    val_ds = dataset(split.val, pre=pre, batch_size=batch_size, training=False, seed=opts.seed)
 
     initial_epoch = 0
     best = -1.0
@@ -266,10 +347,15 @@ def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] 
         best = float(saved["best_val_accuracy"])
     else:
         trainer, base = build_model(opts, len(split.classes))
+    if recipe.weight_decay:
+        # PyTorch's SGD weight_decay adds wd * w to every gradient: an L2 term of wd / 2 * |w|^2 in the loss
+        for variable in base.trainable_variables:
+            variable.regularizer = keras.regularizers.L2(recipe.weight_decay / 2)
 
     history: dict[str, list[float]] = {}
     seen = {"images": 0, "seconds": 0.0}
-    extra = {"version": opts.version, "init": opts.init, "input_size": opts.input_size}
+    extra = {"version": arch.name, "init": init, "input_size": pre.size, "architecture": arch.to_dict(),
+             "preprocessing": pre.to_dict(), "recipe": asdict(recipe)}
 
     class Keep(keras.callbacks.Callback):
         """Best-validation checkpoint, resumable state, throughput, early stopping."""
@@ -296,7 +382,7 @@ def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] 
                 save_with_labels(base, out, split.classes, {**extra, "val_accuracy": acc, "epoch": epoch + 1})
             else:
                 self.wait += 1
-                if self.wait >= opts.patience:
+                if patience is not None and self.wait >= patience:
                     self.model.stop_training = self.stopped = True
             trainer.save(state_dir / "last.keras")
             progress_file.write_text(json.dumps({"epoch": epoch + 1, "best_val_accuracy": self.best,
@@ -305,22 +391,33 @@ def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] 
                 on_epoch(epoch, logs)
 
     keep = Keep()
-    lr = opts.learning_rate or (1e-3 if opts.init == "imagenet" else 3e-3)
-    steps_per_epoch = max(1, math.ceil(len(split.train) / opts.batch_size))
-    freeze = min(opts.freeze_epochs, opts.epochs) if opts.init == "imagenet" else 0
-    # (first epoch, end epoch, backbone trainable, peak learning rate)
-    phases = [(0, freeze, False, lr), (freeze, opts.epochs, True, lr / 10 if freeze else lr)]
-    for start, end, backbone, peak in phases:
+    lr = opts.learning_rate or recipe.learning_rate
+    steps_per_epoch = max(1, math.ceil(len(split.train) / batch_size))
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    if recipe.optimizer == "sgd":
+        schedule = schedules.WarmupStepDecay(
+            lr, warmup_steps=steps_per_epoch * recipe.warmup_epochs,
+            boundaries=[round(steps_per_epoch * opts.epochs * m) for m in recipe.milestones], gamma=recipe.gamma)
+        phases = [(0, opts.epochs, True, keras.optimizers.SGD(schedule, momentum=recipe.momentum))]
+    else:
+        freeze = min(opts.freeze_epochs, opts.epochs) if init == "imagenet" else 0
+        phases = []  # (first epoch, end epoch, backbone trainable, optimizer)
+        for start, end, backbone, peak in ((0, freeze, False, lr), (freeze, opts.epochs, True,
+                                                                       lr / 10 if freeze else lr)):
+            decay = keras.optimizers.schedules.CosineDecay(peak, decay_steps=steps_per_epoch * max(1, end - start),
+                                                           alpha=0.05)
+            phases.append((start, end, backbone, keras.optimizers.Adam(decay)))
+    head = arch.naming.head("conv")
+    for start, end, backbone, optimizer in phases:
         if end <= max(start, initial_epoch) or keep.stopped:
             continue
         for layer in base.layers:
-            layer.trainable = backbone or layer.name == "classifier.1"
-        schedule = keras.optimizers.schedules.CosineDecay(peak, decay_steps=steps_per_epoch * (end - start),
-                                                          alpha=0.05)
-        trainer.compile(optimizer=keras.optimizers.Adam(schedule),
-                        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                        metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+            layer.trainable = backbone or layer.name == head
+        if opts.resume and recipe.optimizer == "sgd":
+            optimizer = trainer.optimizer  # keeps momentum and the step count of the interrupted run
+        trainer.compile(optimizer=optimizer, loss=loss, metrics=metrics)
         trainer.fit(train_ds, validation_data=val_ds, epochs=end, initial_epoch=max(start, initial_epoch),
-                    callbacks=[keep], verbose=verbose)
+                    callbacks=[keep], verbose=verbose, shuffle=False)  # tf.data shuffles already
     return TrainResult(out, split.classes, keep.best, len(history.get("loss", [])),
                        seen["images"] / seen["seconds"] if seen["seconds"] else 0.0, history, len(split.skipped))

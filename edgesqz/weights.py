@@ -6,7 +6,6 @@ the sha256 prefix in its name, the preprocessing it was trained with and its pub
 writes atomically. ``EDGESQZ_TORCHVISION_BASE_URL`` points the download at a mirror or a local
 server (air-gapped installs, tests).
 
-Class names are not shipped with the package: pass a labels file (``--labels``) to ``convert``.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgesqz.architecture import Architecture, architecture
 from edgesqz.errors import EdgesqzError
 from edgesqz.imaging import Preprocessing
 from edgesqz.paths import cache_dir
@@ -136,11 +136,19 @@ class ResolvedWeights:
         return {"source": self.source, "file": self.path.name, "sha256": self.sha256, "kind": self.kind}
 
 
-def resolve(spec: str | os.PathLike[str], version: str) -> ResolvedWeights:
-    """Turn ``torchvision`` / ``imagenet`` / a file path into a local, hashed file."""
+def resolve(spec: str | os.PathLike[str], version: str | Architecture = "1_1") -> ResolvedWeights:
+    """Turn ``torchvision`` / ``imagenet`` / a file path into a local, hashed file.
+
+    ``version``: which torchvision file ``torchvision`` means ("1_0" or "1_1", or their architecture).
+    """
     spec_str = os.fspath(spec)
     if spec_str in ("torchvision", "imagenet"):
-        path = download(TORCHVISION[version])
+        arch = architecture(version)
+        key = arch.short_name
+        if key not in TORCHVISION or arch.batch_norm:
+            raise EdgesqzError(f"--weights {spec_str}: torchvision publishes weights for SqueezeNet 1.0 and 1.1 "
+                               f"only, not {arch.label}; pass your own .pth or .keras file")
+        path = download(TORCHVISION[key])
         return ResolvedWeights("torch", path, sha256_file(path), spec_str)
     path = Path(spec_str).expanduser()
     if not path.exists():
@@ -166,14 +174,16 @@ def resolve(spec: str | os.PathLike[str], version: str) -> ResolvedWeights:
     return ResolvedWeights(kind, path, digest, spec_str)
 
 
-def load_weights_into(model: keras.Model, weights: str | os.PathLike[str], *, version: str) -> ResolvedWeights:
+def load_weights_into(model: keras.Model, weights: str | os.PathLike[str], *,
+                      arch: Architecture | str = "1_1") -> ResolvedWeights:
     """Load ``weights`` (see :func:`resolve`) into a SqueezeNet built by :func:`edgesqz.squeezenet.SqueezeNet`."""
-    resolved = resolve(weights, version)
+    arch = architecture(arch)
+    resolved = resolve(weights, arch)
     if resolved.kind == "torch":
         from edgesqz.converters.torch_import import load_state_dict, state_dict_to_keras
 
         state = load_state_dict(resolved.path)
-        state_dict_to_keras(state, model, version=version)
+        state_dict_to_keras(state, model, arch=arch)
     elif resolved.kind == "keras_weights":
         try:
             model.load_weights(resolved.path)

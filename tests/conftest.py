@@ -65,6 +65,68 @@ def imagenet_labels() -> Path:
     return _need(SHARED / "data" / "labels" / "imagenet_class_index.json")
 
 
+# Coarse groups of ImageNet classes (torchvision's class order), for training on real photos.
+COARSE_GROUPS = {
+    "dog": set(range(151, 269)),
+    "bird": set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147)),
+    "reptile": set(range(33, 69)),
+}
+
+
+@pytest.fixture(scope="session")
+def coarse(tmp_path_factory: pytest.TempPathFactory, imagenet_sample: Path, imagenet_labels: Path) -> Path:
+    """train/ and test/ folders (70/30 per group, disjoint), one sub-folder per coarse group, and labels.txt."""
+    import json
+    import random
+
+    index = {v[0]: int(k) for k, v in json.loads(imagenet_labels.read_text()).items()}
+    root = tmp_path_factory.mktemp("coarse")
+    rng = random.Random(0)
+    for group, classes in COARSE_GROUPS.items():
+        files = sorted(f for f in imagenet_sample.iterdir() if index[f.name[:9]] in classes)
+        rng.shuffle(files)
+        cut = round(len(files) * 0.7)
+        for split, chunk in (("train", files[:cut]), ("test", files[cut:])):
+            (root / split / group).mkdir(parents=True, exist_ok=True)
+            for f in chunk:
+                (root / split / group / f.name).symlink_to(f)
+    (root / "labels.txt").write_text("\n".join(sorted(COARSE_GROUPS)) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def crops32(tmp_path_factory: pytest.TempPathFactory, imagenet_sample: Path) -> Path:
+    """A small CIFAR-like set of real images: 8 shared photos are the classes, 32x32 crops of them the samples.
+
+    Each class gets 40 train/ and 16 test/ crops (random squares of 35-90 % of the shorter side at
+    random places, random flips, resized with INTER_AREA), saved as PNG; labels.txt lists the classes.
+    """
+    import cv2
+    import numpy as np
+
+    from edgesqz.imaging import list_images, read_image
+
+    root = tmp_path_factory.mktemp("crops32")
+    rng = np.random.default_rng(0)
+    photos = list_images(imagenet_sample)[::125]
+    names = [p.stem.split("_", 1)[1] for p in photos]
+    for photo, name in zip(photos, names, strict=True):
+        image = read_image(photo)
+        h, w = image.shape[:2]
+        for split, count in (("train", 40), ("test", 16)):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                side = int(min(h, w) * rng.uniform(0.35, 0.9))
+                top, left = rng.integers(0, h - side + 1), rng.integers(0, w - side + 1)
+                crop = image[top:top + side, left:left + side]
+                if rng.random() < 0.5:
+                    crop = crop[:, ::-1]
+                crop = cv2.resize(crop, (32, 32), interpolation=cv2.INTER_AREA)
+                cv2.imwrite(str(root / split / name / f"{i:03d}.png"), crop)
+    (root / "labels.txt").write_text("\n".join(sorted(names)) + "\n")
+    return root
+
+
 @pytest.fixture(autouse=True)
 def _isolated_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
     """Never read or write the user's real model and weights folders from tests."""

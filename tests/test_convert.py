@@ -190,7 +190,7 @@ def test_missing_and_corrupt_weights(tmp_path: Path, out: Path) -> None:
 
 def test_weights_for_the_wrong_version(real_weights: Path, out: Path) -> None:
     result = edgesqz("convert", "--weights", str(real_weights), "--version", "1_0", "--float32", "-o", str(out))
-    assert_one_line_error(result, "SqueezeNet 1.1", "--version 1_1")
+    assert_one_line_error(result, "SqueezeNet 1.1", "--arch 1_1")
     assert not out.exists()
 
 

@@ -83,7 +83,8 @@ def test_bad_input(int8_model: Path, tmp_path: Path) -> None:
     cases = [
         ((str(tmp_path / "missing.tflite"),), "does not exist"),
         ((str(corrupt),), "not a valid .tflite"),
-        ((str(int8_model), "--threads", "0"), "--threads must be >= 1"),
+        ((str(int8_model), "--threads", "0"), "--threads must be between 1 and 64"),
+        ((str(int8_model), "--threads", "1,100000"), "--threads must be between 1 and 64"),
         ((str(int8_model), "--threads", "two"), "--threads takes numbers"),
         ((str(int8_model), "--delegate", "gpu"), "unknown delegate"),
         ((str(int8_model), "--delegate", "edgetpu:usb"), "Edge TPU"),

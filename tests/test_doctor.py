@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,38 @@ def test_tiny_model_runs_on_xnnpack() -> None:
 
     interpreter, _ = make_interpreter(doctor.tiny_model(), threads=1)
     assert delegate_coverage(interpreter).full
+
+
+def _model_check(home: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, bool]:
+    monkeypatch.setenv("EDGESQZ_HOME", str(home))
+    findings, can_run = doctor.run_checks()
+    return next(f for f in doctor.as_dicts(findings) if f["check"] == "model"), can_run
+
+
+def test_doctor_checks_the_default_model(int8_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    check, can_run = _model_check(tmp_path, monkeypatch)  # none yet: a warning, the device can still run models
+    assert check["status"] == "warn" and "edgesqz convert" in check["fix"] and can_run
+    latest = models / "latest.tflite"
+    latest.symlink_to(tmp_path / "gone.tflite")  # dangling link
+    check, can_run = _model_check(tmp_path, monkeypatch)
+    assert check["status"] == "fail" and "gone.tflite" in check["detail"] and check["fix"] and not can_run
+    latest.unlink()
+    latest.write_bytes(int8_model.read_bytes()[:50000])  # truncated
+    check, can_run = _model_check(tmp_path, monkeypatch)
+    assert check["status"] == "fail" and "not a valid .tflite model" in check["detail"] and not can_run
+    latest.unlink()
+    latest.symlink_to(int8_model)
+    check, can_run = _model_check(tmp_path, monkeypatch)
+    assert check["status"] == "ok" and "1000 classes" in check["detail"] and can_run
+
+
+def test_doctor_display_needs_a_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DISPLAY", ":99")
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    findings, _ = doctor.run_checks()
+    display = next(f for f in findings if f.check == "display")
+    if Path("/tmp/.X11-unix/X99").exists():
+        pytest.skip("this machine has an X server on :99")
+    assert display.status == "info" and "no X server answers" in display.detail

@@ -119,7 +119,7 @@ def test_pixel_model_leaves_the_source_model_alone() -> None:
 
 def test_wrong_weights_are_one_line_errors() -> None:
     state = {k: v.numpy() for k, v in TorchSqueezeNet("1_1").state_dict().items()}
-    with pytest.raises(EdgesqzError, match="pass --version 1_1"):
+    with pytest.raises(EdgesqzError, match="pass --arch 1_1"):
         onnx_route.convert_via_onnx2tf(state, version="1_0", size=SIZE, fmt="float32", calib_images=None,
                                        workdir=Path("unused"), log_path=Path("unused.log"))
     del state["features.3.squeeze.bias"]

@@ -84,3 +84,72 @@ def test_bypass_variants() -> None:
     # 1x1 bypass convolutions around fire2, fire4, fire6, fire8 (with bias)
     extra = (96 * 128 + 128) + (128 * 256 + 256) + (256 * 384 + 384) + (384 * 512 + 512)
     assert complex_.count_params() == plain.count_params() + extra
+
+
+# --- the architecture as data -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["1_0", "1_1", "cifar", "squeezenet1_0_simple_bypass", "squeezenet1_1_bn",
+                                  "squeezenet_cifar_plain", "squeezenet1_0_bn_complex_bypass"])
+def test_description_round_trips_and_names_itself(name: str) -> None:
+    from edgesqz.architecture import Architecture, architecture
+
+    arch = architecture(name)
+    assert Architecture.from_dict(arch.to_dict()) == arch
+    assert architecture(arch.name) == arch  # the name alone says which variant it is
+    assert SqueezeNet(arch).name == arch.name
+
+
+def test_keras_layers_are_the_pytorch_keys_of_each_layout() -> None:
+    torch = pytest.importorskip("torch")
+    from torch_squeezenet import CifarSqueezeNet
+    from torch_squeezenet import SqueezeNet as TorchSqueezeNet
+
+    from edgesqz.converters.torch_import import keras_to_state_dict
+
+    def keys(module: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+        return {k: tuple(v.shape[::-1]) if v.ndim == 4 else tuple(v.shape)
+                for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+
+    for keras_model, reference in ((SqueezeNet("1_0"), TorchSqueezeNet("1_0")),
+                                   (SqueezeNet("1_1"), TorchSqueezeNet("1_1")),
+                                   (SqueezeNet("cifar"), CifarSqueezeNet(100)),
+                                   (SqueezeNet("cifar", classes=7), CifarSqueezeNet(7))):
+        mine = {k: tuple(v.shape[::-1]) if v.ndim == 4 else tuple(v.shape)
+                for k, v in keras_to_state_dict(keras_model).items()}
+        assert mine.keys() == keys(reference).keys(), keras_model.name
+        assert {k: sorted(v) for k, v in mine.items()} == {k: sorted(v) for k, v in keys(reference).items()}
+        assert keras_model.count_params() - sum(
+            int(np.prod(w.shape)) for layer in keras_model.layers
+            if isinstance(layer, keras.layers.BatchNormalization) for w in layer.weights[2:]
+        ) == sum(p.numel() for p in reference.parameters())
+
+
+@pytest.mark.parametrize("name", ["1_1", "cifar", "squeezenet1_0_complex_bypass", "squeezenet1_1_bn"])
+def test_one_description_two_frameworks(name: str) -> None:
+    """The PyTorch builder reads the same description: the same keys, and the same function."""
+    torch = pytest.importorskip("torch")
+    from edgesqz.architecture import architecture
+    from edgesqz.converters.torch_import import keras_to_state_dict, state_dict_to_keras
+    from edgesqz.converters.torch_model import squeezenet
+
+    arch = architecture(name)
+    net = squeezenet(arch, 10).eval()
+    model = SqueezeNet(arch, classes=10, classifier_activation=None, input_shape=(64, 64, 3))
+    assert set(keras_to_state_dict(model)) == {k for k in net.state_dict() if not k.endswith("num_batches_tracked")}
+    state_dict_to_keras({k: v.numpy() for k, v in net.state_dict().items()}, model)
+    x = np.random.default_rng(0).normal(size=(2, 64, 64, 3)).astype("float32")
+    with torch.no_grad():
+        expected = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+    np.testing.assert_allclose(model(x, training=False).numpy(), expected, atol=1e-4)
+
+
+def test_cifar_network_shapes() -> None:
+    model = SqueezeNet("cifar", classifier_activation=None)
+    assert model.input_shape == (None, 32, 32, 3) and model.output_shape == (None, 100)
+    assert model.get_layer("fire9").output.shape[1:] == (4, 4, 512)
+    assert [layer.name for layer in model.layers if isinstance(layer, keras.layers.Add)] == [
+        "fire3.bypass_add", "fire5.bypass_add", "fire7.bypass_add"]
+    assert model.get_layer("stem.0").use_bias and isinstance(model.get_layer("stem.1"), keras.layers.BatchNormalization)
+    assert "conv10_relu" not in {layer.name for layer in model.layers}  # no ReLU after conv10
+    assert min_input_size("cifar") == 8

@@ -1,14 +1,13 @@
 """`edgesqz train` -> `convert --int8` -> `classify` with the trained labels, on real photos.
 
-The data set is built on the fly from the shared ImageNet photos by grouping ImageNet classes
-into coarse groups (torchvision's class order): dogs 151-268, birds, reptiles.
+The data set (the ``coarse`` fixture in conftest.py) is built on the fly from the shared ImageNet
+photos by grouping ImageNet classes into coarse groups: dogs, birds, reptiles.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +15,6 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("tensorflow")
-
-GROUPS = {
-    "dog": set(range(151, 269)),
-    "bird": set(range(7, 25)) | set(range(80, 101)) | set(range(127, 147)),
-    "reptile": set(range(33, 69)),
-}
-
 
 def edgesqz(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "edgesqz", *args], capture_output=True, text=True, timeout=timeout,
@@ -34,23 +26,6 @@ def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, result.stderr
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def coarse(tmp_path_factory: pytest.TempPathFactory, imagenet_sample: Path, imagenet_labels: Path) -> Path:
-    """train/ and test/ folders (70/30 per group, disjoint), one sub-folder per coarse group."""
-    index = {v[0]: int(k) for k, v in json.loads(imagenet_labels.read_text()).items()}
-    root = tmp_path_factory.mktemp("coarse")
-    rng = random.Random(0)
-    for group, classes in GROUPS.items():
-        files = sorted(f for f in imagenet_sample.iterdir() if index[f.name[:9]] in classes)
-        rng.shuffle(files)
-        cut = round(len(files) * 0.7)
-        for split, chunk in (("train", files[:cut]), ("test", files[cut:])):
-            (root / split / group).mkdir(parents=True, exist_ok=True)
-            for f in chunk:
-                (root / split / group / f.name).symlink_to(f)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -124,3 +99,27 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path: Path, photos: list[
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["skipped"] == 1
     assert "skipped 1 unreadable images" in result.stderr
+
+
+def test_cifar_network_from_scratch_with_its_recipe(crops32: Path, tmp_path: Path) -> None:
+    """`train --arch cifar`: pytorch-cifar100's network and recipe on 32x32 real crops, then convert and classify."""
+    out = tmp_path / "cifar.keras"
+    result = edgesqz("train", "--arch", "cifar", "--data", str(crops32 / "train"), "--val", str(crops32 / "test"),
+                     "--epochs", "10", "--batch-size", "32", "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(result.stdout)
+    assert len(summary["classes"]) == 8 and summary["epochs_run"] == 10  # no early stopping with a step schedule
+    assert summary["best_val_accuracy"] > 0.4, summary  # 8 classes: 12.5 % by chance
+
+    model = tmp_path / "cifar-int8.tflite"
+    result = edgesqz("convert", "--weights", str(out), "--int8", "--calib", str(crops32 / "train"),
+                     "--check", str(crops32 / "test"), "-o", str(model), "--json")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rep = json.loads(result.stdout)
+    assert rep["architecture"] == "squeezenet_cifar" and rep["input_size"] == 32
+    assert abs(rep["accuracy"]["reference"]["top1"] - 100 * summary["best_val_accuracy"]) < 8, rep["accuracy"]
+    assert rep["accuracy"]["top1_agreement"] >= 90, rep["accuracy"]
+    image = sorted((crops32 / "test" / summary["classes"][0]).iterdir())[0]
+    result = edgesqz("classify", "--model", str(model), str(image), "--json")
+    assert result.returncode == 0, result.stderr
+    assert {p["label"] for p in json.loads(result.stdout)["top_k"]} <= set(summary["classes"])

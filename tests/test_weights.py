@@ -145,7 +145,7 @@ def _state(version: str = "1_1", classes: int = 1000) -> dict[str, np.ndarray]:
 
 def test_wrong_version_is_named() -> None:
     model = SqueezeNet("1_1")
-    with pytest.raises(EdgesqzError, match=r"for SqueezeNet 1\.0 .*pass --version 1_0"):
+    with pytest.raises(EdgesqzError, match=r"are SqueezeNet 1\.0 .*pass --arch 1_0"):
         state_dict_to_keras(_state("1_0"), model, version="1_1")
 
 

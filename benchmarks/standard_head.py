@@ -9,11 +9,11 @@ conversion, so they share the int8 body and differ only at the ends:
 
 - ``class_map``: today's model; the device averages the map in float (``pool_class_map``);
 - ``standard``: ``add_probability_head``'s default (the recommended CPU model): uint8 input via
-  DEQUANTIZE + QUANTIZE (both run by XNNPACK), then ``pool="exact_mean"``: CAST of the int8 map to
-  float32 (its raw integers) -> MEAN -> MUL by the map's scale -> SOFTMAX, one float32 ``[1, C]``
-  output. The mean is exact, so the class map's exact ties stay ties (XNNPACK leaves the CAST to
-  TFLite's kernel);
-- ``standard_float_mean``: the same input, ``pool="mean"``: DEQUANTIZE -> MEAN -> SOFTMAX (all XNNPACK);
+  DEQUANTIZE + QUANTIZE, then ``pool="mean"``: int8 map -> DEQUANTIZE -> MEAN -> SOFTMAX in float32,
+  one float32 ``[1, C]`` output; XNNPACK runs every op;
+- ``standard_exact``: the same input, ``pool="exact_mean"``: CAST of the int8 map to float32 (its raw
+  integers) -> MEAN -> MUL by the map's scale -> SOFTMAX: the mean is exact, so the class map's exact
+  ties stay ties (XNNPACK leaves the CAST to TFLite's kernel);
 - ``standard_edgetpu``: ``EDGETPU_OPTIONS``: one QUANTIZE (uint8 -> int8) at the input (what the Edge
   TPU runs; XNNPACK leaves it to TFLite's kernel) and the ``"mean"`` tail;
 - ``standard_avgpool``: AVERAGE_POOL_2D + RESHAPE instead of MEAN (DEQUANTIZE tail, input as ``standard``);
@@ -33,10 +33,10 @@ coverage from ``_get_ops_details()``. Sizes without metadata.
 Usage (from the repository root)::
 
     python benchmarks/standard_head.py --shared ../shared --seeds 0 1 2 3 4 5 6 7 \\
-        [--runs 300] [--threads 1 2] [--json benchmarks/results/standard_head.json] [--models-dir DIR]
-    python benchmarks/standard_head.py --latency-only --models-dir DIR --runs 1000 --json OUT.json
+        [--runs 300] [--repeats 3] [--threads 1 2] [--json benchmarks/results/standard_head.json] [--models-dir DIR]
+    python benchmarks/standard_head.py --latency-only --models-dir DIR --runs 1000 --repeats 5 --json OUT.json
 
-About 2.5 minutes per split on 2 cores plus ~1 minute of latency runs.
+About 2.5 minutes per split on 2 cores plus ~40 s of latency runs per repeat (300 rounds, 1 and 2 threads).
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ import numpy as np
 from quant_ablation import WEIGHTS, load_split, metrics, run_tflite
 
 REFERENCE = "class_map"
-VARIANTS = ("class_map", "standard", "standard_float_mean", "standard_edgetpu", "standard_avgpool",
+VARIANTS = ("class_map", "standard", "standard_exact", "standard_edgetpu", "standard_avgpool",
             "standard_uint8_out", "converter_int8_softmax")
 
 
@@ -95,8 +95,8 @@ def build_models(prepared: Any, calib: np.ndarray) -> dict[str, bytes]:
         converter_int8 = bytes(conv.convert())
     return {
         "class_map": class_map,
-        "standard": add_probability_head(class_map, pool="exact_mean", input_conversion="dequantize_quantize"),
-        "standard_float_mean": add_probability_head(class_map, pool="mean", input_conversion="dequantize_quantize"),
+        "standard": add_probability_head(class_map, pool="mean", input_conversion="dequantize_quantize"),
+        "standard_exact": add_probability_head(class_map, pool="exact_mean", input_conversion="dequantize_quantize"),
         "standard_edgetpu": add_probability_head(class_map, **EDGETPU_OPTIONS),
         "standard_avgpool": add_probability_head(class_map, pool="average_pool",
                                                  input_conversion="dequantize_quantize"),
@@ -194,6 +194,39 @@ def latency(models: dict[str, bytes], image: np.ndarray, threads: int, runs: int
     return result
 
 
+def latency_block(models: dict[str, bytes], image: np.ndarray, cov: dict[str, Any],
+                  args: argparse.Namespace) -> dict[str, Any]:
+    """``--repeats`` rounds of :func:`latency` per thread count; per variant the median and range of the
+    paired ratios over the repeats (a 2-core machine shared with other work drifts between repeats)."""
+    per: dict[str, list[dict[str, Any]]] = {str(t): [] for t in args.threads}
+    for rep in range(args.repeats):
+        for threads in args.threads:
+            r = latency(models, image, threads, args.runs, args.warmup)
+            per[str(threads)].append(r)
+            print(f"latency, {threads} thread(s), repeat {rep + 1}/{args.repeats}, {args.runs} interleaved rounds, "
+                  f"load {os.getloadavg()[0]:.1f}:", flush=True)
+            for name, v in r.items():
+                print(f"  {name:24s} invoke p50 {v['invoke_p50_ms']:.3f} ms (paired {v['invoke_ratio_paired']:.3f}x)"
+                      f"   device path p50 {v['device_p50_ms']:.3f} ms (paired {v['device_ratio_paired']:.3f}x)"
+                      f"   XNNPACK {cov[name]['delegated_ops']}/{cov[name]['total_ops']}", flush=True)
+    out: dict[str, Any] = {"runs": args.runs, "warmup": args.warmup, "repeats": args.repeats, "threads": {}}
+    for threads, reps in per.items():
+        summ = {}
+        for name in models:
+            row: dict[str, Any] = {}
+            for key in ("invoke_p50_ms", "device_p50_ms", "invoke_ratio_paired", "device_ratio_paired"):
+                vals = [r[name][key] for r in reps]
+                row[key] = {"median": round(float(np.median(vals)), 4), "min": min(vals), "max": max(vals)}
+            summ[name] = row
+        out["threads"][threads] = {"summary": summ, "repeats": reps}
+        print(f"latency over {len(reps)} repeats, {threads} thread(s): median (min..max) of the paired ratios")
+        for name, row in summ.items():
+            i, d = row["invoke_ratio_paired"], row["device_ratio_paired"]
+            print(f"  {name:24s} invoke {i['median']:.3f}x ({i['min']:.3f}..{i['max']:.3f})   "
+                  f"device path {d['median']:.3f}x ({d['min']:.3f}..{d['max']:.3f})", flush=True)
+    return out
+
+
 def summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in VARIANTS:
@@ -220,15 +253,7 @@ def latency_only(args: argparse.Namespace) -> None:
     models = {name: (args.models_dir / f"{name}.tflite").read_bytes() for name in VARIANTS}
     image = np.load(args.models_dir / "image.npy")
     cov = {name: coverage(blob) for name, blob in models.items()}
-    lat = {}
-    for threads in args.threads:
-        lat[str(threads)] = latency(models, image, threads, args.runs, args.warmup)
-        print(f"latency, {threads} thread(s), {args.runs} interleaved rounds:")
-        for name, r in lat[str(threads)].items():
-            print(f"  {name:24s} invoke p50 {r['invoke_p50_ms']:.3f} ms ({r['invoke_ratio']:.3f}x, paired "
-                  f"{r['invoke_ratio_paired']:.3f}x)   device path p50 {r['device_p50_ms']:.3f} ms "
-                  f"({r['device_ratio']:.3f}x, paired {r['device_ratio_paired']:.3f}x)   XNNPACK "
-                  f"{cov[name]['delegated_ops']}/{cov[name]['total_ops']}", flush=True)
+    lat = latency_block(models, image, cov, args)
     import ai_edge_litert
 
     result = {"benchmark": "standard_head latency", "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -236,7 +261,7 @@ def latency_only(args: argparse.Namespace) -> None:
               "load_average_1_5_15": list(os.getloadavg()),
               "versions": {"ai_edge_litert": ai_edge_litert.__version__}, "xnnpack": cov,
               "sizes": {name: len(blob) for name, blob in models.items()},
-              "latency": {"runs": args.runs, "warmup": args.warmup, "threads": lat}}
+              "latency": lat}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.json}")
@@ -250,6 +275,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--runs", type=int, default=300, help="interleaved latency rounds per thread count")
     parser.add_argument("--warmup", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=3, help="latency measurements per thread count (alternating)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/standard_head.json"))
     parser.add_argument("--models-dir", type=Path,
                         help="save the first split's models here (VARIANT.tflite, and image.npy for latency)")
@@ -298,15 +324,8 @@ def main() -> None:
                 np.save(args.models_dir / "image.npy", first_image)
     assert first_models is not None and first_image is not None
     cov = {name: coverage(blob) for name, blob in first_models.items()}
-    lat = {}
-    for threads in args.threads:
-        lat[str(threads)] = latency(first_models, first_image, threads, args.runs, args.warmup)
-        print(f"latency, {threads} thread(s), {args.runs} interleaved rounds (seed {args.seeds[0]}'s models):")
-        for name, r in lat[str(threads)].items():
-            print(f"  {name:24s} invoke p50 {r['invoke_p50_ms']:.3f} ms ({r['invoke_ratio']:.3f}x, paired "
-                  f"{r['invoke_ratio_paired']:.3f}x)   device path p50 {r['device_p50_ms']:.3f} ms "
-                  f"({r['device_ratio']:.3f}x, paired {r['device_ratio_paired']:.3f}x)   XNNPACK "
-                  f"{cov[name]['delegated_ops']}/{cov[name]['total_ops']}", flush=True)
+    print(f"latency on seed {args.seeds[0]}'s models:")
+    lat = latency_block(first_models, first_image, cov, args)
     summ = summary(per_seed)
     print("over splits " + " ".join(str(s) for s in args.seeds) + ":")
     for name, s in summ.items():
@@ -327,7 +346,8 @@ def main() -> None:
         "per_seed": per_seed,
         "summary": summ,
         "xnnpack": cov,
-        "latency": {"runs": args.runs, "warmup": args.warmup, "models_of_seed": args.seeds[0], "threads": lat},
+        "latency": {**lat, "models_of_seed": args.seeds[0]},
+        "load_average_1_5_15_at_end": list(os.getloadavg()),
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -9,29 +9,30 @@ module edits the flatbuffer so the model is both:
 - input: when it is int8 (``pixel - 128``), a new uint8 input (raw pixels 0..255) in front of the
   unchanged int8 body, converted by DEQUANTIZE (uint8 -> float32) + QUANTIZE (float32 -> int8)
   (``input_conversion="dequantize_quantize"``, the default: XNNPACK runs both, so it covers the
-  whole graph and the conversion costs ~1 % of invoke time) or by one QUANTIZE uint8 -> int8
-  (``"quantize"``: what the Edge TPU runs, but XNNPACK leaves it to TFLite's slower kernel, +5-8 %
-  on a 2-core x86 CPU). Both are exact (the int8 input is ``pixel - 128``: scale 1, integers);
+  whole graph) or by one QUANTIZE uint8 -> int8 (``"quantize"``: what the Edge TPU runs, but
+  XNNPACK leaves it to TFLite's single-threaded kernel: +4 % of invoke time at 1 thread, +8 % at
+  2). Both are exact (the int8 input is ``pixel - 128``: scale 1, integers);
 - output: one float32 ``[1, C]`` output of probabilities, computed from the int8 class map at full
   precision, as the device did outside the model:
 
   - ``pool="mean"`` (the default): DEQUANTIZE -> MEAN over H, W -> SOFTMAX, all float32. XNNPACK
-    runs all three (one partition with the body; ~1 % of invoke time), any TFLite runtime since
-    1.14 runs them (Coral's tflite_runtime 2.5 too). The top-1 is the class-map model's except
-    where the int8 map ties exactly (equal integer sums, ~0.1 % of photos): the device's numpy
-    argmax then took the lower class index, the float sum's rounding picks either (2 of 6,400
-    held-out images over 8 splits; agreement with float 96.86 vs 96.89 %, 96.86 for both with
-    random tie-breaking).
+    runs all three in the body's partition (with the default input: +1 % of invoke time at 1 and 2
+    threads, and 9-16 % less than invoke + the device's numpy pooling of the class map), and any
+    TFLite runtime since 1.14 runs them (Coral's tflite_runtime 2.5 too). The top-1 is the
+    class-map model's except where the int8 map ties exactly (equal integer sums, ~0.15 % of
+    photos): the device's numpy argmax took the lower class index there, the float sum's rounding
+    picks either (5 of 6,400 held-out images over 8 splits; agreement with float 96.92 vs 96.91 %).
   - ``pool="exact_mean"``: CAST int8 -> float32 (the raw integers), MEAN, MUL by the map's scale,
     SOFTMAX. The mean of the integers is exact (their sum is below 2**24), so the top-1 is the
     class-map model's on every image, exact ties included. But XNNPACK leaves the CAST to
-    TFLite's single-threaded kernel (two partitions: +1.5-4 % of invoke time at 1 thread, +4-11 %
-    at 2 threads on a 2-core x86), and CAST from int8 is op version 3: TFLite runtime >= 2.8 (the
-    model's ``min_runtime_version`` is raised to match).
+    TFLite's single-threaded kernel (two partitions: +3 % of invoke time at 1 thread, +5 % at 2),
+    and CAST from int8 is op version 3: TFLite runtime >= 2.8 (the model's ``min_runtime_version``
+    is raised to match).
   - ``pool="average_pool"``: AVERAGE_POOL_2D + RESHAPE instead of MEAN (the same as ``"mean"``).
 
   ``output="uint8"`` adds a QUANTIZE to uint8 (scale 1/256): no smaller, and probabilities closer
-  than 1/256 tie (measured in ``benchmarks/standard_head.py``: -0.1 points of agreement).
+  than 1/256 tie (-0.13 points of agreement). All figures: ``benchmarks/standard_head.py``, results
+  in ``benchmarks/results/standard_head.md``.
 
 Everything else is kept: operator order, the TFLITE_METADATA and other metadata buffers, the
 signature def (re-pointed to the new input/output tensors) and the zip of associated files after

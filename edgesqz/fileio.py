@@ -2,6 +2,7 @@
 
 - :func:`check_output` says, before any work starts, whether ``path`` may be written: not an existing
   file (unless ``force``), not a folder, its folder exists (or can be made) and is writable.
+- :func:`check_folder` is the same for a folder that receives many files (``--snapshot-dir``).
 - :func:`atomic_write` writes a whole file through a temporary file in the same folder, fsync and
   rename: readers see the old file or the whole new one, never a part, and a failure (disk full,
   interrupted) leaves nothing behind.
@@ -65,6 +66,20 @@ def check_output(path: str | os.PathLike[str], *, force: bool = False, what: str
     return path
 
 
+def check_folder(path: str | os.PathLike[str], *, option: str = "--output-dir") -> Path:
+    """Check that files may be written into the folder ``path`` (made when missing); returns it as a Path."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise EdgesqzError(f"{option} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(path, exc, "create folder") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise EdgesqzError(f"{option} {path}: cannot write to the folder (permission denied); choose another one")
+    return path
+
+
 def _publish(tmp: str, path: Path, force: bool) -> None:
     """Move the finished temporary file into place (never over an existing file unless ``force``)."""
     if force:
@@ -82,6 +97,14 @@ def _publish(tmp: str, path: Path, force: bool) -> None:
     os.unlink(tmp)
 
 
+def _umask() -> int:
+    """The process' umask, read without changing it (Linux: /proc; elsewhere the usual 022)."""
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    return 0o022
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str], *, force: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on a clean exit it is fsynced and renamed to ``path``.
@@ -95,6 +118,8 @@ def atomic_file(path: str | os.PathLike[str], *, force: bool = True) -> Iterator
     except OSError as exc:
         raise os_error(path, exc) from exc
     os.close(fd)
+    with contextlib.suppress(OSError):
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the file gets the mode open() would give
     try:
         yield Path(tmp)
         try:

@@ -99,7 +99,7 @@ class Pipeline:
                 ok = True
             finally:
                 errors = []
-                for sink in opened:
+                for sink in reversed(opened):  # last opened, first closed: a sink may write into earlier ones
                     try:
                         sink.close(self.summary if ok else None)
                     except EdgesqzError as exc:

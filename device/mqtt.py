@@ -25,6 +25,7 @@ camera loop: ``publish`` only queues; paho's own thread does the network.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -90,8 +91,8 @@ def parse_mqtt_url(url: str, environ: dict[str, str] | None = None) -> MqttTarge
         port = parts.port
     except ValueError:
         raise EdgesqzError(f"{MQTT_USAGE}, not {url!r} (the port is a number from 1 to 65535)") from None
-    if parts.query or parts.fragment:
-        raise EdgesqzError(f"{MQTT_USAGE}, not {url!r} (no ?query or #fragment)")
+    if "?" in url or "#" in url:
+        raise EdgesqzError(f"{MQTT_USAGE}, not {url!r} (no ? or #: the topic prefix may not hold wildcards)")
     prefix = unquote(parts.path).strip("/") or DEFAULT_PREFIX
     if any(c in prefix for c in "+#\0") or "//" in prefix:
         raise EdgesqzError(f"--mqtt {url!r}: the topic prefix {prefix!r} may not contain + # or empty levels")
@@ -199,10 +200,12 @@ class MqttOutput(EventOutput):
         self._client: Any = None
         self._lock = threading.Lock()
         self._states: dict[str, str] = {}
-        self._pending: list[Any] = []  # MQTTMessageInfo of QoS 1 messages not yet acknowledged
+        self._unacked: set[int] = set()  # mids of QoS 1 messages the broker has not acknowledged yet
+        self._early: collections.OrderedDict[int, None] = collections.OrderedDict()  # acks seen before their mid
         self._label: dict[str, Any] | None = None
         self._label_sent: tuple[str, float] = ("", -1e9)
         self._outage_warned = False
+        self._opened = False
         self._closed = False
 
     def describe(self) -> str:
@@ -232,6 +235,7 @@ class MqttOutput(EventOutput):
         client.on_disconnect = self._on_disconnect
         client.on_connect_fail = self._on_connect_fail
         client.on_message = self._on_message
+        client.on_publish = self._on_publish
         self._client = client
         where = f"{self.target.host}:{self.target.port}"
         try:
@@ -272,7 +276,7 @@ class MqttOutput(EventOutput):
         self._first.set()
         if self.discovery:
             client.subscribe(f"{self.discovery}/status", qos=1)
-        self._announce()
+        self._announce(everything=self._opened)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()
@@ -288,9 +292,12 @@ class MqttOutput(EventOutput):
         if self.discovery and message.topic == f"{self.discovery}/status" and message.payload == b"online":
             self._announce()  # Home Assistant restarted: it may have lost what it knew
 
-    def _announce(self) -> None:
+    def _announce(self, *, status: bool = True, everything: bool = True) -> None:
         """Availability, discovery, rule states and the label: everything a (re)started broker or HA needs."""
-        self._publish(self.topics.status, "online", retain=True)
+        if status:
+            self._publish(self.topics.status, "online", retain=True)
+        if not everything:
+            return
         if self.discovery:
             for topic, config in discovery_messages(self.topics, self.rules, discovery_prefix=self.discovery,
                                                     model=self.model):
@@ -316,8 +323,18 @@ class MqttOutput(EventOutput):
                             "(%d so far)", self.max_queued, self.dropped)
             return
         with self._lock:
-            self._pending = [i for i in self._pending if not i.is_published()]
-            self._pending.append(info)
+            if self._early.pop(info.mid, False) is None:
+                return  # already acknowledged (the ack beat us here)
+            self._unacked.add(info.mid)
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        with self._lock:
+            if mid in self._unacked:
+                self._unacked.discard(mid)
+            else:  # a QoS 0 message, or an ack that came before _publish noted the mid
+                self._early[mid] = None
+                while len(self._early) > 1000:
+                    self._early.popitem(last=False)
 
     def _stop_client(self) -> None:
         if self._client is not None:
@@ -337,8 +354,9 @@ class MqttOutput(EventOutput):
         self.source = sink.source
         with self._lock:
             self._states = {rule.slug: "OFF" for rule in self.rules}
+        self._opened = True
         if self.connected.is_set():
-            self._announce()  # now that the rules and the model are known
+            self._announce(status=False)  # now that the rules and the model are known
 
     def frame(self, result: Result) -> None:
         index = int(np.argmax(result.scores))
@@ -372,8 +390,7 @@ class MqttOutput(EventOutput):
         deadline = time.monotonic() + FLUSH_S
         while time.monotonic() < deadline:
             with self._lock:
-                self._pending = [i for i in self._pending if not i.is_published()]
-                left = len(self._pending)
+                left = len(self._unacked)
             if not left:
                 break
             time.sleep(0.02)

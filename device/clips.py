@@ -288,7 +288,11 @@ class MediaWriter(EventOutput):
     def _finish_clip(self, event_id: str) -> None:
         clip = self._clips.pop(event_id, None)
         if clip is not None:
-            clip.finish()
+            try:
+                clip.finish()
+            except EdgesqzError as exc:
+                message = str(exc).replace("; pass --force to replace it", " (it is kept)")
+                raise EdgesqzError(f"clip {clip.path} not written: {message}") from None
             self.written.append(clip.path)
 
     def _on_end(self, event_id: str, best: Result | None, clip: bool, snapshot: bool) -> None:
@@ -311,8 +315,16 @@ class MediaWriter(EventOutput):
                               (self.snapshot_dir / f"{event_id}.raw.jpg", image)):
             ok, buf = cv2.imencode(".jpg", picture, self.jpeg_params)
             if not ok:
-                raise EdgesqzError(f"cannot encode snapshot {path}")
-            atomic_write(path, buf.tobytes(), force=False)
+                self._fail(f"cannot encode snapshot {path}")
+                continue
+            if path.exists():
+                self._fail(f"snapshot {path} not written: a file of that name exists (it is kept)")
+                continue
+            try:
+                atomic_write(path, buf.tobytes(), force=False)
+            except EdgesqzError as exc:  # a full disk; or the name was taken meanwhile (never replaced)
+                self._fail(f"snapshot {path} not written: {exc}")
+                continue
             self.written.append(path)
 
     def _room(self, folder: Path, what: str) -> bool:

@@ -178,6 +178,8 @@ def one_run(model: Path, video: Path, mode: str, threads: int, broker: Broker, s
     time.sleep(0.5)  # the last messages
     mqtt_ms = [(t - r["timestamp"]) * 1e3 for t, r in sub.received]
     hook_ms = [(t - r["timestamp"]) * 1e3 for t, r in hooks.received]
+    ring = next((line for line in lines if "pre-roll ring held at most" in line), "")
+    ring_mb = float(ring.split(" frames, ")[1].split(" MB")[0]) if ring else None
     if mode != "off" and len(sub.received) != len(events):
         raise SystemExit(f"{mode}: {len(events)} events but {len(sub.received)} MQTT messages")
     return {"mode": mode, "fps": summary["fps_mean"], "frames": summary["frames"], "dropped": summary["dropped"],
@@ -186,7 +188,8 @@ def one_run(model: Path, video: Path, mode: str, threads: int, broker: Broker, s
             "inference_p50_ms": summary["latency_ms"]["inference"]["p50"],
             "events": len(events), "mqtt_event_latency_ms": [round(v, 2) for v in mqtt_ms],
             "webhook_event_latency_ms": [round(v, 2) for v in hook_ms],
-            "webhook_received": len(hooks.received), "peak_rss_mb": round(peak / 2**20, 1)}
+            "webhook_received": len(hooks.received), "peak_rss_mb": round(peak / 2**20, 1),
+            "preroll_ring_peak_mb": ring_mb, "load_average_1min": round(os.getloadavg()[0], 2)}
 
 
 def _median(values: list[float]) -> float | None:
@@ -242,18 +245,23 @@ def main() -> None:
                       "dropped": _median([x["dropped"] for x in rows]), "events": _median([x["events"] for x in rows]),
                       "mqtt_event_latency_p50_ms": _median(mqtt_ms), "mqtt_event_latency_p90_ms": _p90(mqtt_ms),
                       "webhook_event_latency_p50_ms": _median(hook_ms), "webhook_event_latency_p90_ms": _p90(hook_ms),
-                      "peak_rss_mb": max(x["peak_rss_mb"] for x in rows)})
+                      "peak_rss_mb": max(x["peak_rss_mb"] for x in rows),
+                      "preroll_ring_peak_mb": max((x["preroll_ring_peak_mb"] or 0) for x in rows) or None})
     print(f"\nCPU flags: {flags}")
     print(f"{'mode':<13} {'FPS':>6} {'e2e p50/p90 ms':>15} {'inference p50':>13} {'dropped':>7} {'events':>6} "
-          f"{'MQTT latency p50/p90 ms':>24} {'webhook p50/p90 ms':>19} {'peak RSS':>9}")
+          f"{'MQTT latency p50/p90 ms':>24} {'webhook p50/p90 ms':>19} {'peak RSS':>9} {'pre-roll ring':>13}")
     for row in table:
+        ring = "-" if row["preroll_ring_peak_mb"] is None else f"{row['preroll_ring_peak_mb']:.1f} MB"
+
         def pair(a: float | None, b: float | None) -> str:
             return "-" if a is None else f"{a:.1f}/{b:.1f}"
         print(f"{row['mode']:<13} {row['fps']:>6.1f} {pair(row['end_to_end_p50_ms'], row['end_to_end_p90_ms']):>15} "
               f"{row['inference_p50_ms']:>10.1f} ms {row['dropped']:>7.0f} {row['events']:>6.0f} "
               f"{pair(row['mqtt_event_latency_p50_ms'], row['mqtt_event_latency_p90_ms']):>24} "
               f"{pair(row['webhook_event_latency_p50_ms'], row['webhook_event_latency_p90_ms']):>19} "
-              f"{row['peak_rss_mb']:>6.1f} MB")
+              f"{row['peak_rss_mb']:>6.1f} MB {ring:>13}")
+    loads = [x["load_average_1min"] for x in runs]
+    print(f"1-minute load average after the runs: {min(loads)} to {max(loads)} on {os.cpu_count()} CPUs")
     if args.json:
         result = {"command": "python benchmarks/events_overhead.py " + " ".join(sys.argv[1:]),
                   "measured": time.strftime("%Y-%m-%d"), "machine": {"cpus": os.cpu_count(), "cpu_flags": flags,

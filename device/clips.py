@@ -18,8 +18,9 @@ at most ``keep`` events (default 100) and ``max_disk_mb`` remain, and nothing ne
 the disk has less than ``min_free_mb`` free. Only files named like events (``20261127T101502Z-cat-3f2a-1.jpg``)
 are ever deleted.
 
-The camera loop only appends to a mailbox: frames beyond ``max_pending`` waiting are dropped
-(oldest first, counted in :attr:`frames_dropped`); event starts and ends are never dropped.
+The camera loop only appends to a mailbox: frames beyond ``max_pending`` (15, half a second at
+30 fps) waiting are dropped (oldest first, counted in :attr:`frames_dropped`), so a writer that
+falls behind costs frames in the clips, never memory; event starts and ends are never dropped.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import re
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -145,7 +147,8 @@ class MediaWriter(EventOutput):
     def __init__(self, *, snapshot_dir: str | Path | None = None, clip_dir: str | Path | None = None,
                  preroll_s: float | None = None, keep: int | None = None, max_disk_mb: float | None = None,
                  clip_max_s: float = DEFAULT_CLIP_MAX_S, ring_mb: float = 64.0, min_free_mb: float = 100.0,
-                 jpeg_quality: int = 90, ring_quality: int = 80, max_pending: int = 60) -> None:
+                 jpeg_quality: int = 90, ring_quality: int = 80, max_pending: int = 15,
+                 say: Callable[[str], Any] | None = None) -> None:
         if snapshot_dir is None and clip_dir is None:
             raise EdgesqzError("MediaWriter needs a snapshot folder, a clip folder or both")
         self.snapshot_dir = check_folder(snapshot_dir, option="--snapshot-dir").resolve() if snapshot_dir else None
@@ -175,6 +178,8 @@ class MediaWriter(EventOutput):
         self._thread: threading.Thread | None = None
         self.written: list[Path] = []
         self.errors: list[str] = []
+        self.ring_peak_frames = 0
+        self._say = say
 
     @property
     def frames_dropped(self) -> int:
@@ -224,6 +229,9 @@ class MediaWriter(EventOutput):
             self._thread = None
         if self.frames_dropped:
             log.warning("warning: the clip writer could not keep up and left out %d frames", self.frames_dropped)
+        if self._say is not None and self.clip_dir is not None:
+            self._say(f"event: the pre-roll ring held at most {self.ring_peak_frames} frames, "
+                      f"{self.ring_peak_bytes / 1e6:.1f} MB of JPEGs")
 
     # -- writer thread
 
@@ -258,6 +266,7 @@ class MediaWriter(EventOutput):
                                   or self.ring_bytes > self.ring_bytes_max):
                 self.ring_bytes -= len(self._ring.popleft()[2])
             self.ring_peak_bytes = max(self.ring_peak_bytes, self.ring_bytes)
+            self.ring_peak_frames = max(self.ring_peak_frames, len(self._ring))
         for clip in self._clips.values():
             clip.write(frame.image)
 

@@ -245,8 +245,6 @@ class EventDetector:
     def __init__(self, rules: list[EventRule] | tuple[EventRule, ...], labels: list[str] | None, classes: int, *,
                  start_s: float = DEFAULT_START_S, end_s: float = DEFAULT_END_S, gap_s: float | None = None,
                  run_id: str | None = None) -> None:
-        if not rules:
-            raise EdgesqzError("no --event rule given")
         for value, option in ((start_s, "--event-start"), (end_s, "--event-end")):
             if not (math.isfinite(value) and value >= 0):
                 raise EdgesqzError(f"{option} must be a number of seconds >= 0, got {value}")

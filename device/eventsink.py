@@ -272,7 +272,7 @@ def event_sink(events: Sequence[str] | None, *, start_s: float | None = None, en
     media = None
     if snapshot_dir is not None or clip_dir is not None:
         media = MediaWriter(snapshot_dir=snapshot_dir, clip_dir=clip_dir, preroll_s=preroll_s, keep=keep,
-                            max_disk_mb=max_disk_mb)
+                            max_disk_mb=max_disk_mb, say=say)
         outputs.append(media)
     elif preroll_s is not None or keep is not None or max_disk_mb is not None:
         raise EdgesqzError("--preroll, --keep and --max-disk need --snapshot-dir DIR or --clip-dir DIR")

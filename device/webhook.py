@@ -64,7 +64,6 @@ class WebhookOutput(EventOutput):
         self._queue: collections.deque[bytes] = collections.deque()
         self._cond = threading.Condition()
         self._stop = threading.Event()
-        self._closing = False
         self._busy = False
         self._thread: threading.Thread | None = None
 
@@ -94,7 +93,6 @@ class WebhookOutput(EventOutput):
         if self._thread is None:
             return
         with self._cond:
-            self._closing = True
             self._cond.notify_all()
             self._cond.wait_for(lambda: not self._queue and not self._busy, self.drain_s)
             left = len(self._queue) + (1 if self._busy else 0)

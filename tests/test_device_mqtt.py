@@ -271,3 +271,20 @@ def test_refused_login_is_one_error(int8_model: Path, scenes: dict[str, Path], t
     errors = [line for line in run.lines if line.startswith("error:")]
     assert len(errors) == 1 and "refused" in errors[0] and "password" in errors[0], run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_mqtt_without_events_publishes_the_label_sensor(int8_model: Path, scenes: dict[str, Path],
+                                                        broker: Broker) -> None:
+    sub = Subscriber(broker.port, (f"{PREFIX}/solo/#", "homeassistant/+/edgesqz_solo/#"))
+    try:
+        run = Run(CLI, "--model", int8_model, "--source", scenes["two"], "--fps", 30, "--threads", 1,
+                  "--mqtt", f"{broker.url}/{PREFIX}", "--device-id", "solo")
+        assert run.wait(120) == 0, run.stderr
+        sub.wait_for(lambda ms: any(m.payload == b"offline" for m in ms), 15)
+    finally:
+        sub.close()
+    assert [m.payload for m in sub.on(f"{PREFIX}/solo/status")] == [b"online", b"offline"]
+    assert {m.json()["label"] for m in sub.on(f"{PREFIX}/solo/label")} >= {"espresso", "Egyptian cat"}
+    configs = {m.topic: m.json() for m in sub.messages if m.topic.startswith("homeassistant/")}
+    found = check_home_assistant_discovery(configs, status_topic=f"{PREFIX}/solo/status")
+    assert set(found) == {"sensor"} and not [m for m in sub.messages if m.topic.endswith("/event")]

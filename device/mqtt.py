@@ -255,8 +255,10 @@ class MqttOutput(EventOutput):
             say(f"mqtt: connected to {self.target.describe()}; publishing under {self.topics.base}/"
                 + (f", Home Assistant discovery under {self.discovery}/" if self.discovery else ""))
         elif resolved:
+            hint = (" (with mqtts://, also check the broker's certificate is signed by a CA this machine trusts, "
+                    "or give it with --mqtt-ca FILE)") if self.target.tls else ""
             say(f"warning: mqtt: cannot reach the broker at {where} yet; retrying in the background "
-                "(events are queued meanwhile)")
+                f"(events are queued meanwhile){hint}")
             self._outage_warned = True
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:

@@ -288,3 +288,50 @@ def test_mqtt_without_events_publishes_the_label_sensor(int8_model: Path, scenes
     configs = {m.topic: m.json() for m in sub.messages if m.topic.startswith("homeassistant/")}
     found = check_home_assistant_discovery(configs, status_topic=f"{PREFIX}/solo/status")
     assert set(found) == {"sensor"} and not [m for m in sub.messages if m.topic.endswith("/event")]
+
+
+def _openssl(*args: object, cwd: Path) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *map(str, args)], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+def test_mqtts_with_a_private_ca(int8_model: Path, scenes: dict[str, Path], tmp_path: Path) -> None:
+    """A broker with its own CA (as a Mosquitto at home has): mqtts:// with --mqtt-ca, and without it a warning."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make certificates")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", 2,
+             "-subj", "/CN=edgesqz test CA", cwd=tmp_path)
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+             "-subj", "/CN=localhost", cwd=tmp_path)
+    (tmp_path / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.crt", "-days", 2, "-extfile", "san.ext", cwd=tmp_path)
+    broker = Broker(tmp_path, extra=f"cafile {tmp_path / 'ca.crt'}\ncertfile {tmp_path / 'server.crt'}\n"
+                                    f"keyfile {tmp_path / 'server.key'}\n").start()
+    import paho.mqtt.client as mqtt
+
+    received: list[bytes] = []
+    sub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="tls-test")
+    sub.tls_set(ca_certs=str(tmp_path / "ca.crt"))
+    sub.on_message = lambda c, u, m: received.append(bytes(m.payload))
+    try:
+        sub.connect("localhost", broker.port)
+        sub.subscribe(f"{BASE}/event", qos=1)
+        sub.loop_start()
+        args = ["--model", int8_model, "--source", scenes["two"], "--fps", 30, "--threads", 1, "--event", "espresso",
+                "--event-end", 1, "--device-id", DEVICE, "--mqtt-discovery", "off"]
+        run = Run(CLI, *args, "--mqtt", f"mqtts://localhost:{broker.port}/{PREFIX}", "--mqtt-ca", tmp_path / "ca.crt")
+        assert run.wait(120) == 0, run.stderr
+        assert f"mqtt: connected to mqtts://localhost:{broker.port}" in run.stderr
+        time.sleep(0.5)
+        assert [json.loads(p)["state"] for p in received] == ["start", "end"]
+        untrusted = Run(CLI, *args, "--max-frames", 5, "--mqtt", f"mqtts://localhost:{broker.port}/{PREFIX}")
+        assert untrusted.wait(120) == 0, untrusted.stderr
+        assert "cannot reach the broker" in untrusted.stderr and "--mqtt-ca" in untrusted.stderr
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
+        broker.stop()

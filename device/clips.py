@@ -18,9 +18,10 @@ at most ``keep`` events (default 100) and ``max_disk_mb`` remain, and nothing ne
 the disk has less than ``min_free_mb`` free. Only files named like events (``20261127T101502Z-cat-3f2a-1.jpg``)
 are ever deleted.
 
-The camera loop only appends to a mailbox: frames beyond ``max_pending`` (15, half a second at
-30 fps) waiting are dropped (oldest first, counted in :attr:`frames_dropped`), so a writer that
-falls behind costs frames in the clips, never memory; event starts and ends are never dropped.
+The camera loop only appends to a mailbox: frames beyond ``max_pending_mb`` (32 MB: about 35
+frames of 640x480, a second at 30 fps, enough for the burst of writing a pre-roll) waiting are
+dropped (oldest first, counted in :attr:`frames_dropped`), so a writer that falls behind costs
+frames in the clips, never unbounded memory; event starts and ends are never dropped.
 """
 
 from __future__ import annotations
@@ -69,26 +70,33 @@ class _Frame:
 
 
 class _Mailbox:
-    """The camera loop's side: frames (bounded, the oldest dropped) and commands (never dropped), in order."""
+    """The camera loop's side: frames (bounded, the oldest dropped) and commands (never dropped), in order.
 
-    def __init__(self, max_frames: int) -> None:
-        self.max_frames = max_frames
+    Frames wait as the arrays the camera delivered: at most ``max_bytes`` of them (but always
+    ``min_frames``), so the bound is in memory whatever the resolution.
+    """
+
+    def __init__(self, max_bytes: int, min_frames: int = 4) -> None:
+        self.max_bytes = max_bytes
+        self.min_frames = min_frames
         self._items: collections.deque[tuple[str, Any]] = collections.deque()
         self._frames = 0
+        self._bytes = 0
         self._cond = threading.Condition()
         self.dropped = 0
 
     def put(self, kind: str, item: Any) -> None:
         with self._cond:
             if kind == "frame":
-                if self._frames >= self.max_frames:
-                    for i, (k, _) in enumerate(self._items):
-                        if k == "frame":
-                            del self._items[i]
-                            self._frames -= 1
-                            self.dropped += 1
-                            break
+                size = item.image.nbytes
+                while self._frames >= self.min_frames and self._bytes + size > self.max_bytes:
+                    i = next(i for i, (k, _) in enumerate(self._items) if k == "frame")
+                    self._bytes -= self._items[i][1].image.nbytes
+                    del self._items[i]
+                    self._frames -= 1
+                    self.dropped += 1
                 self._frames += 1
+                self._bytes += size
             self._items.append((kind, item))
             self._cond.notify()
 
@@ -98,6 +106,7 @@ class _Mailbox:
             kind, item = self._items.popleft()
             if kind == "frame":
                 self._frames -= 1
+                self._bytes -= item.image.nbytes
             return kind, item
 
 
@@ -147,7 +156,7 @@ class MediaWriter(EventOutput):
     def __init__(self, *, snapshot_dir: str | Path | None = None, clip_dir: str | Path | None = None,
                  preroll_s: float | None = None, keep: int | None = None, max_disk_mb: float | None = None,
                  clip_max_s: float = DEFAULT_CLIP_MAX_S, ring_mb: float = 64.0, min_free_mb: float = 100.0,
-                 jpeg_quality: int = 90, ring_quality: int = 80, max_pending: int = 15,
+                 jpeg_quality: int = 90, ring_quality: int = 80, max_pending_mb: float = 32.0,
                  say: Callable[[str], Any] | None = None) -> None:
         if snapshot_dir is None and clip_dir is None:
             raise EdgesqzError("MediaWriter needs a snapshot folder, a clip folder or both")
@@ -167,7 +176,7 @@ class MediaWriter(EventOutput):
         self.min_free_bytes = int(min_free_mb * 1e6)
         self.jpeg_params = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
         self.ring_params = [cv2.IMWRITE_JPEG_QUALITY, ring_quality]
-        self._mailbox = _Mailbox(max_pending)
+        self._mailbox = _Mailbox(int(max_pending_mb * 1e6))
         self._ring: collections.deque[tuple[float, int, bytes]] = collections.deque()
         self.ring_bytes = 0
         self.ring_peak_bytes = 0

@@ -47,8 +47,8 @@ def test_event_lines_sit_between_the_frames_and_before_the_summary(int8_model: P
         else:  # ended by the end of the run (the hold time is longer than what was left)
             assert event["reason"] == "run_ended" and event["end"] is not None
     espresso = [o for _, o in events if o["name"] == "espresso"]
-    assert espresso[0]["id"] == espresso[1]["id"] and espresso[0]["first_frame"] <= 2  # a live source may drop one
-    assert 1.8 <= espresso[1]["duration_s"] <= 2.2 and espresso[1]["last_frame"] in range(55, 62)
+    assert espresso[0]["id"] == espresso[1]["id"] and espresso[0]["first_frame"] <= 3  # a live source may drop some
+    assert 1.6 <= espresso[1]["duration_s"] <= 2.2 and espresso[1]["last_frame"] in range(50, 62)
     assert espresso[1]["label"] == "espresso" and 0.5 < espresso[1]["mean_score"] <= espresso[1]["peak_score"]
     assert "event: espresso started" in p.stderr and "event: espresso ended after" in p.stderr
 

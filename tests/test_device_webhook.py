@@ -21,7 +21,6 @@ from test_device_run import CLI
 from edgesqz.device.classifier import Classifier
 from edgesqz.device.eventsink import EventSink
 from edgesqz.device.pipeline import Pipeline
-from edgesqz.device.sinks import Sink
 from edgesqz.device.sources import open_source
 from edgesqz.device.webhook import WebhookOutput
 from edgesqz.errors import EdgesqzError
@@ -146,27 +145,33 @@ def test_a_stalled_endpoint_never_blocks_and_the_queue_is_bounded(hooks: Hooks) 
 
 
 def test_a_slow_endpoint_does_not_slow_the_camera_loop(int8_model: Path, video: Path, hooks: Hooks) -> None:
-    """The same camera-paced video with no webhook and with one that takes 2 s per event."""
+    """The same camera-paced video with no webhook and with one that takes 2 s per event.
+
+    What matters is that the camera loop never waits for the endpoint: each EventSink.write (which
+    hands the events over) is timed, and must stay far below the endpoint's 2 s. The rates of the
+    two runs are compared loosely: on a shared machine they move by several % from run to run.
+    """
     classifier = Classifier(int8_model, threads=1)
 
-    class Rate(Sink):
-        def __init__(self) -> None:
-            self.e2e: list[float] = []
+    class TimedEvents(EventSink):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.write_s: list[float] = []
 
         def write(self, result: object) -> None:
-            self.e2e.append(result.latency_ms["end_to_end"])  # type: ignore[attr-defined]
+            t0 = time.perf_counter()
+            super().write(result)  # type: ignore[arg-type]
+            self.write_s.append(time.perf_counter() - t0)
 
-    def one(outputs: list) -> tuple[float, float, EventSink]:
-        rate = Rate()
-        sink = EventSink(["espresso", CAT], outputs, end_s=1.0, device="t")
-        summary = Pipeline(open_source(source=str(video), fps=30), classifier, [rate, sink],
-                           handle_signals=False).run()
-        return summary.fps, sorted(rate.e2e)[len(rate.e2e) // 2], sink
+    def one(outputs: list) -> tuple[float, TimedEvents]:
+        sink = TimedEvents(["espresso", CAT], outputs, end_s=1.0, device="t")
+        summary = Pipeline(open_source(source=str(video), fps=30), classifier, [sink], handle_signals=False).run()
+        return summary.fps, sink
 
-    base_fps, base_e2e, _ = one([])
+    base_fps, _ = one([])
     slow = WebhookOutput(hooks.url("/slow"), drain_s=0.2, timeout=3)
-    fps, e2e, sink = one([slow])
-    assert sink.events_started == 4
-    assert fps >= 0.95 * base_fps and fps > 27, (fps, base_fps)
-    assert e2e < base_e2e + 5, (e2e, base_e2e)  # ms: the frames do not wait for the webhook
+    fps, sink = one([slow])
+    assert sink.events_started == 4 and slow.attempts >= 1
+    assert max(sink.write_s) < 0.25, max(sink.write_s)  # the 2 s requests never held up a frame
+    assert fps >= 0.85 * base_fps and fps > 25, (fps, base_fps)
     assert len(hooks.bodies("/slow")) < 8  # it really was slow: not every event got through during the run

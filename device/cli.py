@@ -18,11 +18,11 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from edgesqz.device.models import ORIGINS, choose_model
 from edgesqz.errors import EdgesqzError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-CONVERT_HINT = "edgesqz convert --int8 --weights squeezenet1_1.pth --calib DIR"
 METADATA_PANEL = "Models without metadata"
 SERVE_PANEL = "Live web preview"
 EVENTS_PANEL = "Events"
@@ -57,26 +57,9 @@ def _errors_as_one_line(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class NoModelError(EdgesqzError):
-    """No ``--model`` and no default model at all (as opposed to a default model that is broken)."""
-
-
 def resolve_model(model: Path | None) -> Path:
-    """``--model``, else the model ``convert`` last wrote, else an error saying how to make one."""
-    if model is not None:
-        return model
-    from edgesqz.paths import default_model_path
-
-    path = default_model_path()
-    if path.exists():
-        return path
-    if path.is_symlink():
-        import os
-
-        raise EdgesqzError(f"the default model {path} links to {os.readlink(path)}, which does not exist; make a new "
-                           f"one with `{CONVERT_HINT}`, or pass --model FILE.tflite")
-    raise NoModelError(f"no --model given and no converted model at {path}; make one with `{CONVERT_HINT}` "
-                       "(it is written there), or pass --model FILE.tflite")
+    """``--model``, else ``EDGESQZ_MODEL``, else the model ``convert`` last wrote, else the installed default."""
+    return choose_model(model).path
 
 
 def _floats(value: str | None, name: str) -> list[float] | None:
@@ -96,11 +79,12 @@ def _classifier(model: Path | None, *, threads: int | None, delegate: str | None
                 std: str | None, output_kind: str | None) -> Any:
     from edgesqz.device.classifier import Classifier
 
-    path = resolve_model(model)
-    classifier = Classifier(path, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
+    choice = choose_model(model)
+    classifier = Classifier(choice.path, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
                             labels=labels, crop_fraction=crop_fraction, color_order=color_order,
                             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), output_kind=output_kind)
-    _info(f"model: {classifier.describe_model()}")
+    _info(f"model: {classifier.describe_model()}" + ("" if choice.origin == "option" else
+                                                      f"; {ORIGINS[choice.origin]}"))
     _info(f"runtime: {classifier.describe_runtime()}")
     return classifier
 

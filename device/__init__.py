@@ -10,8 +10,9 @@ Nothing in this package imports TensorFlow or PyTorch.
 
 Modules, bottom up: ``runtime`` (interpreter backends, delegates), ``classifier`` (frame ->
 scores), ``sources`` (cameras, files, streams in reader threads), ``results`` / ``sinks``
-(JSON lines, window, video), ``serve`` (live web preview), ``pipeline`` (the loop), ``cli``
-(``edgesqz run`` / ``classify``).
+(JSON lines, window, video), ``serve`` (live web preview), ``pipeline`` (the loop), ``events``
+(the ``--event`` grammar and detector: pure logic), ``eventsink`` / ``clips`` / ``mqtt`` / ``webhook``
+(where events go), ``cli`` (``edgesqz run`` / ``classify``).
 The names below are imported on first use, so ``import edgesqz.device.runtime`` stays light.
 """
 
@@ -40,6 +41,14 @@ _EXPORTS = {
     "annotate": "sinks",
     "display_status": "sinks",
     "ServeSink": "serve",
+    "Event": "events",
+    "EventRule": "events",
+    "EventDetector": "events",
+    "EventSink": "eventsink",
+    "EventOutput": "eventsink",
+    "MediaWriter": "clips",
+    "MqttOutput": "mqtt",
+    "WebhookOutput": "webhook",
     "make_interpreter": "runtime",
     "delegate_coverage": "runtime",
 }

@@ -18,13 +18,15 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from edgesqz.device.models import ORIGINS, choose_model
 from edgesqz.errors import EdgesqzError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-CONVERT_HINT = "edgesqz convert --int8 --weights squeezenet1_1.pth --calib DIR"
 METADATA_PANEL = "Models without metadata"
 SERVE_PANEL = "Live web preview"
+EVENTS_PANEL = "Events"
+NOTIFY_PANEL = "MQTT and webhooks"
 
 
 def _info(message: str) -> None:
@@ -55,26 +57,9 @@ def _errors_as_one_line(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class NoModelError(EdgesqzError):
-    """No ``--model`` and no default model at all (as opposed to a default model that is broken)."""
-
-
 def resolve_model(model: Path | None) -> Path:
-    """``--model``, else the model ``convert`` last wrote, else an error saying how to make one."""
-    if model is not None:
-        return model
-    from edgesqz.paths import default_model_path
-
-    path = default_model_path()
-    if path.exists():
-        return path
-    if path.is_symlink():
-        import os
-
-        raise EdgesqzError(f"the default model {path} links to {os.readlink(path)}, which does not exist; make a new "
-                           f"one with `{CONVERT_HINT}`, or pass --model FILE.tflite")
-    raise NoModelError(f"no --model given and no converted model at {path}; make one with `{CONVERT_HINT}` "
-                       "(it is written there), or pass --model FILE.tflite")
+    """``--model``, else ``EDGESQZ_MODEL``, else the model ``convert`` last wrote, else the installed default."""
+    return choose_model(model).path
 
 
 def _floats(value: str | None, name: str) -> list[float] | None:
@@ -94,11 +79,12 @@ def _classifier(model: Path | None, *, threads: int | None, delegate: str | None
                 std: str | None, output_kind: str | None) -> Any:
     from edgesqz.device.classifier import Classifier
 
-    path = resolve_model(model)
-    classifier = Classifier(path, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
+    choice = choose_model(model)
+    classifier = Classifier(choice.path, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
                             labels=labels, crop_fraction=crop_fraction, color_order=color_order,
                             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), output_kind=output_kind)
-    _info(f"model: {classifier.describe_model()}")
+    _info(f"model: {classifier.describe_model()}" + ("" if choice.origin == "option" else
+                                                      f"; {ORIGINS[choice.origin]}"))
     _info(f"runtime: {classifier.describe_runtime()}")
     return classifier
 
@@ -194,6 +180,49 @@ def run(
     mean: MeanOpt = None,
     std: StdOpt = None,
     output_kind: KindOpt = None,
+    event: Annotated[list[str] | None, typer.Option(
+        "--event", metavar="[NAME=]LABEL[,LABEL...][>=SCORE]", rich_help_panel=EVENTS_PANEL,
+        help="Watch for a label (repeatable): an event starts when it is top-1 (or its score >= SCORE) for "
+             "--event-start seconds and ends after --event-end seconds without it. Several labels form one group, "
+             "e.g. 'cat=tabby,tiger cat,Egyptian cat>=0.5'.")] = None,
+    event_start: Annotated[float | None, typer.Option(
+        "--event-start", metavar="SECONDS", rich_help_panel=EVENTS_PANEL,
+        help="How long a label must be there before its event starts (default 0.5).")] = None,
+    event_end: Annotated[float | None, typer.Option(
+        "--event-end", metavar="SECONDS", rich_help_panel=EVENTS_PANEL,
+        help="How long it must be gone before its event ends (default 2.0).")] = None,
+    snapshot_dir: Annotated[Path | None, typer.Option(
+        "--snapshot-dir", rich_help_panel=EVENTS_PANEL,
+        help="Save each event's best frame here: ID.jpg (annotated) and ID.raw.jpg.")] = None,
+    clip_dir: Annotated[Path | None, typer.Option(
+        "--clip-dir", rich_help_panel=EVENTS_PANEL,
+        help="Save a video of each event here (ID.mp4), from --preroll seconds before it started.")] = None,
+    preroll: Annotated[float | None, typer.Option(
+        "--preroll", metavar="SECONDS", rich_help_panel=EVENTS_PANEL,
+        help="Seconds of video before an event in its clip (default 3; kept in memory as JPEGs).")] = None,
+    keep: Annotated[int | None, typer.Option(
+        "--keep", rich_help_panel=EVENTS_PANEL,
+        help="Keep the files of the newest N events, deleting the oldest (default 100).")] = None,
+    max_disk: Annotated[float | None, typer.Option(
+        "--max-disk", metavar="MB", rich_help_panel=EVENTS_PANEL,
+        help="Also delete the oldest events' files while they take more than MB megabytes.")] = None,
+    mqtt: Annotated[str | None, typer.Option(
+        "--mqtt", metavar="mqtt[s]://[USER:PASS@]HOST[:PORT][/PREFIX]", rich_help_panel=NOTIFY_PANEL,
+        help="Publish events, rule states, the current label and online/offline to this MQTT broker, under "
+             "PREFIX/DEVICE/ (prefix default 'edgesqz'), with Home Assistant discovery.")] = None,
+    mqtt_discovery: Annotated[str | None, typer.Option(
+        "--mqtt-discovery", metavar="PREFIX|off", rich_help_panel=NOTIFY_PANEL,
+        help="Home Assistant's discovery prefix (default homeassistant), or off.")] = None,
+    mqtt_ca: Annotated[Path | None, typer.Option(
+        "--mqtt-ca", rich_help_panel=NOTIFY_PANEL,
+        help="With mqtts://: the CA certificate (PEM) of a broker with its own certificate authority.")] = None,
+    device_id: Annotated[str | None, typer.Option(
+        "--device-id", rich_help_panel=NOTIFY_PANEL,
+        help="This camera's id in MQTT topics and events (default: the host name).")] = None,
+    webhook: Annotated[list[str] | None, typer.Option(
+        "--webhook", metavar="URL", rich_help_panel=NOTIFY_PANEL,
+        help="POST each event start and end as JSON to this URL (repeatable); retried with back-off, in the "
+             "background.")] = None,
 ) -> None:
     """Classify frames from a camera, a video, a stream or images in real time."""
     from edgesqz.device.pipeline import Pipeline
@@ -244,6 +273,16 @@ def run(
             sinks.append(server)
         elif not json_lines and not window:
             sinks.append(ConsoleSink())
+        from edgesqz.device.eventsink import event_sink
+
+        events = event_sink(event, start_s=event_start, end_s=event_end, snapshot_dir=snapshot_dir,
+                            clip_dir=clip_dir, preroll_s=preroll, keep=keep, max_disk_mb=max_disk, mqtt=mqtt,
+                            mqtt_discovery=mqtt_discovery, mqtt_ca=mqtt_ca, webhooks=webhook, device_id=device_id,
+                            classifier=classifier, json_sinks=[s for s in sinks if isinstance(s, JsonLinesSink)],
+                            server=server, info=_info)
+        if events is not None:  # after the JSON sinks: a frame's line comes before the event it starts
+            undo.callback(events.close)
+            sinks.append(events)
         pipeline = Pipeline(frame_source, classifier, sinks, top_k=top_k, threshold=threshold,
                             max_frames=max_frames, duration=duration)
         undo.pop_all()

@@ -103,7 +103,7 @@ class Pipeline:
                 if not ok and self._stop_reason is None:
                     self.summary.stopped_by = "error"
                 errors = []
-                for sink in opened:
+                for sink in reversed(opened):  # last opened, first closed: a sink may write into earlier ones
                     try:
                         sink.close(self.summary if ok else None)
                     except EdgesqzError as exc:

@@ -8,7 +8,8 @@ Endpoints (GET and HEAD only; anything else is 405):
 - ``/events`` server-sent events: each frame's ``classification`` object exactly as ``--json``
   prints it, then the ``run_summary`` when the run ends (``id:`` is a sequence number;
   ``Last-Event-ID`` resumes from the last 256);
-- ``/status`` a ``serve_status`` JSON object (counters, recent latency, model and device facts).
+- ``/status`` a ``serve_status`` JSON object (counters, recent latency, model and device facts, recent events);
+- ``/snapshot/ID.jpg`` a recent event's best frame (with ``--event``; the last 32 events, held in memory).
 
 How the pipeline is kept safe from viewers: :meth:`ServeSink.write` (the pipeline thread) only
 serialises the result once into a shared ring of recent events and drops it into the encoder's
@@ -35,7 +36,7 @@ import socket
 import socketserver
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator, Sequence
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -69,6 +70,8 @@ STATS_WINDOW = 120  # frames behind the status' latency figures
 STALE_S = 2.0  # /status reports 0 FPS when no result came for this long
 BOUNDARY = "edgesqzframe"
 SERVE_USAGE = "--serve takes [HOST:]PORT, e.g. 8080, 127.0.0.1:8080, 0.0.0.0:8080 or [::1]:8080"
+EVENTS_SHOWN = 20  # recent events in /status (and so on the page)
+SNAPSHOTS_KEPT = 32  # recent events' thumbnails served at /snapshot/ID.jpg
 PAGE, PAGE_CSP = serve_page.render()
 
 
@@ -378,8 +381,9 @@ class _App:
     """What the request handler needs: the hub, the rules, and the status."""
 
     def __init__(self, hub: _Hub, *, token: str | None, timeout: float, local_only: bool,
-                 status: Callable[[], dict[str, Any]]) -> None:
+                 status: Callable[[], dict[str, Any]], snapshot: Callable[[str], bytes | None]) -> None:
         self.hub = hub
+        self.snapshot = snapshot
         self.token = token.encode() if token is not None else None
         self.timeout = timeout
         self.local_only = local_only
@@ -479,7 +483,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not self._authorised(query.get("token")):
             return
-        handler = self.ROUTES.get(url.path)
+        handler = self.ROUTES.get(url.path) or ("_snapshot" if url.path.startswith("/snapshot/") else None)
         if handler is None:
             self._text(HTTPStatus.NOT_FOUND, "not found; the page is /")
             return
@@ -549,6 +553,14 @@ class _Handler(BaseHTTPRequestHandler):
         jpeg = self.server.app.hub.latest_frame()
         if jpeg is None:
             self._text(HTTPStatus.SERVICE_UNAVAILABLE, "no frame yet", [("Retry-After", "1")])
+        else:
+            self._body(HTTPStatus.OK, jpeg, "image/jpeg")
+
+    def _snapshot(self) -> None:
+        name = urlsplit(self.path).path.removeprefix("/snapshot/")
+        jpeg = self.server.app.snapshot(name.removesuffix(".jpg")) if name.endswith(".jpg") else None
+        if jpeg is None:
+            self._text(HTTPStatus.NOT_FOUND, "no such event snapshot (only the last 32 events are kept)")
         else:
             self._body(HTTPStatus.OK, jpeg, "image/jpeg")
 
@@ -628,12 +640,16 @@ class ServeSink(Sink):
         self._facts: dict[str, Any] = {}
         self._last: dict[str, Any] | None = None
         self._summary: dict[str, Any] | None = None
+        self._events: OrderedDict[str, dict[str, Any]] = OrderedDict()  # recent events by id, newest last
+        self._snapshots: OrderedDict[str, bytes] = OrderedDict()
+        self._events_lock = threading.Lock()
         self._fps, self._last_at = 0.0, -math.inf
         self._started = 0.0
         self._thread: threading.Thread | None = None
         self._closed = False
         family, sockaddr = _resolve(host, port)
-        app = _App(self._hub, token=token, timeout=timeout, local_only=_is_loopback(sockaddr[0]), status=self.status)
+        app = _App(self._hub, token=token, timeout=timeout, local_only=_is_loopback(sockaddr[0]), status=self.status,
+                   snapshot=self.snapshot)
         try:
             self._server = _Server(sockaddr, family, app, max_connections=2 * max_viewers + 16)
         except OSError as exc:
@@ -670,6 +686,26 @@ class ServeSink(Sink):
         self._latency.add(result.latency_ms)
         self._encoder.offer(result)
 
+    def publish_event_record(self, record: dict[str, Any], jpeg: bytes | None = None) -> None:
+        """An ``event`` object (start or end): onto ``/events``, into /status' recent events, its snapshot kept."""
+        event_id = record.get("id", "")
+        with self._events_lock:
+            self._events[event_id] = record
+            self._events.move_to_end(event_id)
+            while len(self._events) > EVENTS_SHOWN:
+                self._events.popitem(last=False)
+            if jpeg is not None:
+                self._snapshots[event_id] = jpeg
+                self._snapshots.move_to_end(event_id)
+                while len(self._snapshots) > SNAPSHOTS_KEPT:
+                    self._snapshots.popitem(last=False)
+        self._hub.publish_event(dumps(record))
+
+    def snapshot(self, event_id: str) -> bytes | None:
+        """The JPEG of a recent event's best frame, or None."""
+        with self._events_lock:
+            return self._snapshots.get(event_id)
+
     def close(self, summary: Summary | None = None) -> None:
         """End the streams (after the ``run_summary`` event, when there is one) and stop serving."""
         if self._closed:
@@ -694,6 +730,9 @@ class ServeSink(Sink):
         pipeline = self._pipeline
         source = pipeline.source if pipeline is not None else None
         last = self._last
+        with self._events_lock:
+            events = [{**e, "snapshot_url": f"/snapshot/{e['id']}.jpg" if e["id"] in self._snapshots else None}
+                      for e in reversed(self._events.values())]
         return record(
             "serve_status",
             running=self._pipeline is not None and not self._closed,
@@ -710,6 +749,7 @@ class ServeSink(Sink):
             uptime_s=round(time.monotonic() - self._started, 3) if self._started else 0.0,
             model=self._facts.get("model", {}),
             device={**self._facts.get("device", {}), **_live_device_facts()},
+            events=events,
         )
 
 

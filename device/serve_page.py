@@ -2,8 +2,9 @@
 
 Served from memory by :mod:`edgesqz.device.serve` (no file is read per request). The page shows the
 MJPEG stream in an ``<img>``, follows ``/events`` with ``EventSource`` (one ``classification``
-object per frame, then ``run_summary``) and polls ``/status`` once a second for FPS, dropped frames,
-viewers and the model and device facts. A ``?token=`` in the page's address is carried into those
+object per frame, ``event`` objects with ``--event``, then ``run_summary``) and polls ``/status``
+once a second for FPS, dropped frames, viewers, the model and device facts and the recent events
+(each with its snapshot from ``/snapshot/ID.jpg``). A ``?token=`` in the page's address is carried into those
 URLs. Everything from the server is inserted with ``textContent`` (never as HTML).
 """
 
@@ -47,6 +48,13 @@ dd { margin: 0; font-variant-numeric: tabular-nums; }
 .stats dd { font-size: 1.15rem; }
 .facts { display: grid; grid-template-columns: auto minmax(0, 1fr); gap: .15rem .8rem; margin: 0; font-size: .85rem; }
 .facts dd { overflow-wrap: anywhere; }
+#events { list-style: none; margin: 0; padding: 0; }
+#events li { display: flex; gap: .55rem; align-items: center; padding: .3rem; margin-bottom: .3rem;
+             background: var(--card); border-radius: .3rem; font-size: .85rem; }
+#events img { width: 6rem; height: auto; border-radius: .2rem; flex: none; background: #000; }
+#events .name { font-weight: 700; overflow-wrap: anywhere; }
+#events .on { color: #7fd48c; }
+#events .meta { color: var(--muted); }
 """
 
 SCRIPT = """
@@ -104,7 +112,45 @@ function facts(dl, rows) {
   }
 }
 
+let eventsShown = "";
+
+function eventItem(e) {
+  const li = document.createElement("li");
+  li.dataset.id = e.id;
+  li.dataset.state = e.state;
+  if (e.snapshot_url) {
+    const img = document.createElement("img");
+    img.alt = `${e.name} at ${e.label}`;
+    img.src = url(e.snapshot_url.slice(1));
+    li.append(img);
+  }
+  const text = document.createElement("div");
+  const name = document.createElement("div");
+  name.className = "name";
+  name.textContent = e.name;
+  const state = document.createElement("span");
+  state.className = e.state === "start" ? "on" : "";
+  state.textContent = e.state === "start" ? " · now" : ` · ${e.duration_s.toFixed(1)} s`;
+  name.append(state);
+  const meta = document.createElement("div");
+  meta.className = "meta";
+  const when = new Date(e.start * 1000).toLocaleTimeString();
+  meta.textContent = `${when} · ${e.label} ${(e.peak_score * 100).toFixed(0)} % · ${e.frames} frames`;
+  text.append(name, meta);
+  li.append(text);
+  return li;
+}
+
+function showEvents(list) {
+  const key = list.map((e) => `${e.id}:${e.state}:${e.snapshot_url}`).join(",");
+  if (key === eventsShown) return;
+  eventsShown = key;
+  $("events-box").hidden = list.length === 0;
+  $("events").replaceChildren(...list.map(eventItem));
+}
+
 function showStatus(s) {
+  if (s.events) showEvents(s.events);
   $("fps").textContent = s.fps.toFixed(1);
   $("dropped").textContent = s.dropped;
   $("viewers").textContent = `${s.viewers.stream} / ${s.viewers.max}`;
@@ -152,6 +198,8 @@ events.onmessage = (e) => {
   const r = JSON.parse(e.data);
   if (r.kind === "run_summary") {
     finish(r);
+  } else if (r.kind === "event") {
+    poll();
   } else if (r.kind === "classification") {
     latest = r;
     if (!drawing) {
@@ -190,6 +238,10 @@ BODY = """
       <div><dt>dropped</dt><dd id="dropped">-</dd></div>
       <div><dt>viewers</dt><dd id="viewers">-</dd></div>
     </dl>
+    <div id="events-box" hidden>
+      <h2>Events</h2>
+      <ol id="events"></ol>
+    </div>
     <h2>Model</h2>
     <dl id="model" class="facts"></dl>
     <h2>Device</h2>

@@ -171,6 +171,10 @@ class JsonLinesSink(Sink):
     def write(self, result: Result) -> None:
         self._line(result.to_record())
 
+    def write_record(self, obj: dict[str, Any]) -> None:
+        """Another schema object on its own line (e.g. an ``event``), in order with the frames'."""
+        self._line(obj)
+
     def close(self, summary: Summary | None) -> None:
         if summary is not None and self.summary:
             self._line(summary.to_record())

@@ -145,19 +145,25 @@ def convert(
 
 @app.command()
 def info(
-    model: Annotated[str, typer.Argument(help="A .tflite model.")],
+    model: Annotated[str | None, typer.Argument(help="A .tflite model (default: the one run and classify use).")]
+    = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Show a model's embedded metadata, tensors, ops and sizes."""
+    """Show a model's embedded metadata, tensors, ops and sizes (and, without MODEL, which model is in use)."""
     import json
 
     from edgesqz.console import human_size, out
+    from edgesqz.device.models import ORIGINS, choose_model
     from edgesqz.modelinfo import describe
 
-    d = describe(model)
+    choice = choose_model(model)
+    d = describe(str(choice.path))
+    d["origin"] = choice.origin
     if json_out:
         typer.echo(json.dumps(d, indent=2))
         return
+    if choice.origin != "option":
+        out.print(f"model in use: {choice.path} ({ORIGINS[choice.origin]})")
     meta = d["info"]
     out.print(f"[bold]{d['model']}[/]  {human_size(d['size_bytes'])}  {d['name'] or '(no name)'}")
     if meta:

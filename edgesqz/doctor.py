@@ -100,12 +100,13 @@ def _runtime(findings: list[Finding]) -> bool:
 def _model(findings: list[Finding]) -> bool:
     """The model ``run``/``classify`` would use without --model (resolved the same way), loaded for real."""
     from edgesqz.device.classifier import Classifier
-    from edgesqz.device.cli import CONVERT_HINT, NoModelError, resolve_model
+    from edgesqz.device.models import CONVERT_HINT, ORIGINS, NoModelError, choose_model
     from edgesqz.errors import EdgesqzError
 
     fix = f"make a new one with `{CONVERT_HINT}` (run and classify use it), or pass --model FILE.tflite"
     try:
-        path = resolve_model(None)
+        choice = choose_model(None)
+        path = choice.path
     except NoModelError as exc:
         findings.append(Finding("model", "warn", str(exc).split(";")[0], fix))
         return True
@@ -117,8 +118,8 @@ def _model(findings: list[Finding]) -> bool:
     except EdgesqzError as exc:
         findings.append(Finding("model", "fail", f"the default model cannot be used: {exc}", fix))
         return False
-    findings.append(Finding("model", "ok", f"{path} ({clf.name}; {clf.input_size}x{clf.input_size} input, "
-                                           f"{clf.num_classes} classes)"))
+    findings.append(Finding("model", "ok", f"{path}: {ORIGINS[choice.origin]} ({clf.name}; {clf.input_size}x"
+                                           f"{clf.input_size} input, {clf.num_classes} classes)"))
     return True
 
 

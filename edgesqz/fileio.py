@@ -2,6 +2,7 @@
 
 - :func:`check_output` says, before any work starts, whether ``path`` may be written: not an existing
   file (unless ``force``), not a folder, its folder exists (or can be made) and is writable.
+- :func:`check_folder` is the same for a folder that receives many files (``--snapshot-dir``).
 - :func:`atomic_write` writes a whole file through a temporary file in the same folder, fsync and
   rename: readers see the old file or the whole new one, never a part, and a failure (disk full,
   interrupted) leaves nothing behind.
@@ -144,6 +145,20 @@ def check_distinct(outputs: Iterable[tuple[str, str | os.PathLike[str] | None]])
         for what_b, b in given[i + 1:]:
             if _same_file(a, b):
                 raise EdgesqzError(f"{what_a} and {what_b} are the same file {a}; give each its own file")
+
+
+def check_folder(path: str | os.PathLike[str], *, option: str = "--output-dir") -> Path:
+    """Check that files may be written into the folder ``path`` (made when missing); returns it as a Path."""
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise EdgesqzError(f"{option} {path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise os_error(path, exc, "create folder") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise EdgesqzError(f"{option} {path}: cannot write to the folder (permission denied); choose another one")
+    return path
 
 
 def _publish(tmp: str, path: Path, force: bool) -> None:

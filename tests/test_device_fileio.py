@@ -76,3 +76,13 @@ def test_disk_full_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.Monkey
         atomic_write(tmp_path / "r.json", "{}")
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []
+
+
+def test_written_files_get_the_usual_mode_not_a_private_one(tmp_path: Path) -> None:
+    """mkstemp makes 0600 files; published files get what open() would give under the umask (snapshots others read)."""
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "snap.jpg", b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "snap.jpg").stat().st_mode & 0o777 == 0o644

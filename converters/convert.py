@@ -30,6 +30,7 @@ from edgesqz.quiet import captured_output, quiet_tensorflow_env
 from edgesqz.schema import report
 from edgesqz.weights import ResolvedWeights, resolve
 
+HEADS = ("probabilities", "logits", "class_map")
 # Measured on SqueezeNet 1.1 (benchmarks/calibration_count.py): accuracy stops improving
 # well before 200 images, and 200 images take a few seconds to calibrate.
 DEFAULT_CALIB_COUNT = 200
@@ -48,7 +49,8 @@ class ConvertOptions:
     fmt: str = "int8"
     calib: str | None = None
     calib_count: int = DEFAULT_CALIB_COUNT
-    io: str = "int8"
+    io: str | None = None  # int8 models' input: uint8 (default, standard) or int8 (pixel - 128)
+    head: str = "probabilities"  # "probabilities" (standard [1, C]), "logits" or "class_map" (edgesqz 0.x)
     input_size: int | None = None  # None: the size the architecture was trained at (224, 32 for CIFAR)
     crop_fraction: float | None = None  # None: the architecture's (0.875 ImageNet, 1.0 CIFAR)
     mean: tuple[float, ...] | None = None  # the training normalisation; None: the architecture's
@@ -210,8 +212,14 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     """Run the whole conversion; see the module docstring for the guarantees."""
     if opts.fmt not in FORMATS:
         raise EdgesqzError(f"unknown format {opts.fmt!r}; use one of {', '.join(FORMATS)}")
-    if opts.io not in ("int8", "uint8"):
+    if opts.io not in (None, "int8", "uint8"):
         raise EdgesqzError(f"--io must be int8 or uint8, not {opts.io!r}")
+    if opts.io is not None and opts.fmt != "int8":
+        raise EdgesqzError("--io is for --int8 models; float models take float32 pixels")
+    if opts.head not in HEADS:
+        raise EdgesqzError(f"--head must be one of {', '.join(HEADS)}, not {opts.head!r}")
+    if opts.edgetpu and opts.head == "probabilities" and opts.io == "int8":
+        raise EdgesqzError("--edgetpu with the standard head takes uint8 input; leave --io out")
     if opts.calib_count < 1:
         raise EdgesqzError(f"--calib-count must be >= 1, got {opts.calib_count}")
     if opts.fmt == "int8" and not opts.calib:
@@ -257,6 +265,10 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     warnings: list[str] = []
     if labels is None:
         labels = loaded.labels
+    if labels is None and arch.layout == "torchvision" and classes == 1000:
+        from edgesqz.imagenet import imagenet_labels
+
+        labels = imagenet_labels()  # torchvision's ImageNet-1k classes, in its output order
     if labels is None:
         labels = Labels.numbered(classes)
         warnings.append(f"no --labels given: the model's {classes} classes are named class_0.. ; pass --labels FILE")
@@ -280,24 +292,33 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
                             f"(e.g. {calibration.skipped[0]})")
     representative = representative_dataset(calibration.images) if calibration is not None else None
     improved = calibration is not None and opts.ptq == "best"
+    from edgesqz.converters.quantize import class_map_model, prepare_int8
+
     to_convert = float_model
     if improved:
-        from edgesqz.converters.quantize import prepare_int8
-
         assert calibration is not None
         advance = progress("preparing for int8 (equalise, round weights)", 1)
         with captured_output(log):
-            to_convert = prepare_int8(float_model, calibration.images)
+            to_convert = prepare_int8(float_model, calibration.images, class_map=False)
         advance(1)
+    class_map = opts.head != "logits"  # the standard head averages the class map in float, after the int8 body
+    io = opts.io or ("uint8" if opts.head == "probabilities" else "int8")
     try:
         if opts.via == "onnx2tf":
             # --ptq best hands the prepared weights (pixels in, rounded) to PyTorch -> ONNX -> onnx2tf
             tflite = _via_onnx2tf(to_convert if improved else model, arch, pre, opts, calibration, out_path,
-                                  prepared=improved)
+                                  prepared=improved, class_map=class_map,
+                                  io="int8" if opts.head == "probabilities" else io)
         else:
             with captured_output(log):
-                tflite = to_tflite(to_convert, opts.fmt, representative=representative,  # type: ignore[arg-type]
-                                   io=opts.io)  # type: ignore[arg-type]
+                tflite = to_tflite(class_map_model(to_convert) if class_map else to_convert, opts.fmt,
+                                   representative=representative,  # type: ignore[arg-type]
+                                   io="int8" if opts.head == "probabilities" else io)  # type: ignore[arg-type]
+        if opts.head == "probabilities":
+            from edgesqz.converters.standard_head import EDGETPU_OPTIONS, add_probability_head
+
+            tflite = add_probability_head(tflite, uint8_input=opts.fmt == "int8" and io == "uint8",
+                                          **(EDGETPU_OPTIONS if opts.edgetpu else {}))
     except EdgesqzError:
         raise
     except Exception as exc:  # the converter raises many types; keep its log for the user
@@ -311,7 +332,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         assert check_files is not None
         accuracy_block = _check(float_model, tflite, opts.check, check_files, labels, pre, calibration, progress)
 
-    info = _model_info(opts, arch, pre, labels, resolved, calibration, accuracy_block, classes, improved)
+    info = _model_info(opts, arch, pre, labels, resolved, calibration, accuracy_block, classes, improved, io)
     from edgesqz.tflite_metadata import embed_metadata
 
     final = embed_metadata(
@@ -323,7 +344,8 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     graph = graph_summary(tflite)
     rep = report(
         "convert_report",
-        model=str(out_path), route=opts.via, format=opts.fmt, io=opts.io if opts.fmt == "int8" else "float32",
+        model=str(out_path), route=opts.via, format=opts.fmt, head=opts.head,
+        io=io if opts.fmt == "int8" else "float32",
         architecture=arch.name, input_size=pre.size, weights_found=loaded.found,
         size_bytes=len(final), size_bytes_without_metadata=len(tflite), graph=graph,
         source_weights=resolved.meta(), calibration=info.get("calibration"), accuracy=accuracy_block,
@@ -363,7 +385,7 @@ def _edgetpu(path: Path, warnings: list[str], *, force: bool = False) -> dict[st
     if shutil.which("edgetpu_compiler"):
         compiled = compile_model(path, force=force)
         result["compiled"] = {"model": str(compiled.output), "fully_mapped": compiled.fully_mapped,
-                              "ops": compiled.rows}
+                              "cpu_ops": compiled.cpu_rows, "ops": compiled.rows}
     else:
         warnings.append("edgetpu_compiler is not installed here: the model passes the Edge TPU check; compile it "
                         "on an x86_64 Linux host with `edgesqz edgetpu compile MODEL`")
@@ -371,12 +393,13 @@ def _edgetpu(path: Path, warnings: list[str], *, force: bool = False) -> dict[st
 
 
 def _via_onnx2tf(model: Any, arch: Architecture, pre: Preprocessing, opts: ConvertOptions,
-                 calibration: ImageSet | None, out_path: Path, *, prepared: bool = False) -> bytes:
+                 calibration: ImageSet | None, out_path: Path, *, prepared: bool = False, class_map: bool = True,
+                 io: str = "int8") -> bytes:
     """The second route: the same weights through PyTorch -> ONNX -> onnx2tf; its log stays beside the model.
 
     ``model`` is the float Keras model as loaded (PyTorch folds the normalisation itself), or with
     ``prepared`` :func:`~edgesqz.converters.quantize.prepare_int8`'s output (pixel input, batch norms
-    folded, class-map head), exported as it is.
+    folded), exported as it is; ``class_map`` leaves out the final average pool.
     """
     from edgesqz.converters.onnx_route import convert_via_onnx2tf
     from edgesqz.converters.torch_import import keras_to_state_dict
@@ -386,8 +409,8 @@ def _via_onnx2tf(model: Any, arch: Architecture, pre: Preprocessing, opts: Conve
         return convert_via_onnx2tf(keras_to_state_dict(model), version=arch.variant(batch_norm=False) if prepared
                                    else arch, size=pre.size, fmt=opts.fmt,
                                    calib_images=calibration.images if calibration is not None else None,
-                                   io=opts.io, workdir=Path(workdir), log_path=log_path,
-                                   fold=not prepared, class_map=prepared, mean=pre.mean, std=pre.std)
+                                   io=io, workdir=Path(workdir), log_path=log_path,
+                                   fold=not prepared, class_map=class_map, mean=pre.mean, std=pre.std)
 
 
 def _check(float_model: Any, tflite: bytes, folder: str, lf: LabelledFiles, labels: Labels, pre: Preprocessing,
@@ -414,10 +437,10 @@ def _check(float_model: Any, tflite: bytes, folder: str, lf: LabelledFiles, labe
 
 def _model_info(opts: ConvertOptions, arch: Architecture, pre: Preprocessing, labels: Labels, resolved: ResolvedWeights,
                 calibration: ImageSet | None, accuracy_block: dict[str, Any] | None, classes: int,
-                improved: bool) -> dict[str, Any]:
+                improved: bool, io: str) -> dict[str, Any]:
     from edgesqz import __version__
 
-    in_dtype = (opts.io if opts.fmt == "int8" else "float32")
+    in_dtype = (io if opts.fmt == "int8" else "float32")
     info: dict[str, Any] = {
         "schema": "edgesqz.model/1",
         "task": "image_classification",
@@ -427,13 +450,17 @@ def _model_info(opts: ConvertOptions, arch: Architecture, pre: Preprocessing, la
         "input": {"size": pre.size, "layout": "NHWC", "color_order": "RGB", "range": [0, 255],
                   "dtype": in_dtype, "normalization": "inside"},
         "preprocessing": pre.to_dict(),
-        # the improved int8 model leaves the final average pool to the device (finer than int8 logits)
-        "output": {"kind": "class_map" if improved else "logits", "classes": classes},
+        # probabilities: the int8 body's class map averaged and softmaxed in float inside the model
+        "output": {"kind": {"probabilities": "probabilities", "logits": "logits", "class_map": "class_map"}[opts.head],
+                   "classes": classes, "dtype": "float32" if opts.head == "probabilities" or opts.fmt != "int8"
+                   else io},
         "labels": {"count": len(labels), "ids": list(labels.ids) if labels.ids else None},
         "source_weights": resolved.meta(),
         "quantization": {"normalization": opts.normalization, "route": opts.via,
-                         "ptq": ("activation equalisation + GPTQ weight rounding (clipped grids) + class-map head"
-                                 if improved else "min/max" if calibration is not None else None)},
+                         "ptq": ("activation equalisation + GPTQ weight rounding (clipped grids)"
+                                 if improved else "min/max" if calibration is not None else None),
+                         "head": {"probabilities": "int8 class map -> DEQUANTIZE -> MEAN -> SOFTMAX (float32)",
+                                  "logits": "MEAN in the model", "class_map": "averaged by the reader"}[opts.head]},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "edgesqz_version": __version__,
     }

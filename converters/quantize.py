@@ -561,16 +561,18 @@ def round_weights(model: keras.Model, calib_images: np.ndarray, *, damp: float =
     return out
 
 
-def prepare_int8(model: keras.Model, calib_images: np.ndarray) -> keras.Model:
+def prepare_int8(model: keras.Model, calib_images: np.ndarray, *, class_map: bool = True) -> keras.Model:
     """The recommended float model to give the int8 converter (calibrate it on ``calib_images``).
 
-    Activation equalisation (of every pair :func:`scale_pairs` finds), then
-    error-compensating weight rounding, then the class-map head (the device turns the int8 class
-    map into logits with :func:`pool_class_map`).
+    Activation equalisation (of every pair :func:`scale_pairs` finds), then error-compensating
+    weight rounding, then (``class_map``) the class-map output: the int8 graph stops before the
+    final average pool, which ``edgesqz convert`` then appends in float
+    (:mod:`edgesqz.converters.standard_head`), or a reader averages (:func:`pool_class_map`).
     """
     if can_equalize(model):
         model = equalize(model, method="activations", calib_images=calib_images)
-    return class_map_model(round_weights(model, calib_images))
+    rounded = round_weights(model, calib_images)
+    return class_map_model(rounded) if class_map else rounded
 
 
 def max_abs_difference(a: keras.Model, b: keras.Model, images: np.ndarray) -> float:

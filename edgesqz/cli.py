@@ -64,7 +64,12 @@ def convert(
     calib: Annotated[str | None, typer.Option("--calib", help="Calibration images: a folder (recursive) or a "
                                               "video file. Required for --int8.")] = None,
     calib_count: Annotated[int, typer.Option("--calib-count", help="How many calibration images.")] = 200,
-    io: Annotated[str, typer.Option("--io", help="int8 model input/output type: int8 or uint8.")] = "int8",
+    io: Annotated[str | None, typer.Option("--io", help="int8 models' input: uint8 (raw pixels; default, what "
+                                           "standard clients take) or int8 (pixel - 128).")] = None,
+    head: Annotated[str, typer.Option("--head", help="Output: 'probabilities' (one [1, C] float32 vector; the "
+                                      "standard classifier MediaPipe and the TFLite Task Library take), 'logits', "
+                                      "or 'class_map' ([1, H, W, C] for the reader to average).")]
+    = "probabilities",
     input_size: Annotated[int | None, typer.Option("--input-size", help="Square input size in pixels (default: "
                                                    "what the network was trained at, 224 or 32 for cifar).")] = None,
     crop_fraction: Annotated[float | None, typer.Option("--crop-fraction", help="Centre crop as a fraction of the "
@@ -86,7 +91,7 @@ def convert(
     edgetpu: Annotated[bool, typer.Option("--edgetpu", help="Check the int8 model maps fully onto a Coral Edge "
                                           "TPU (and compile it when edgetpu_compiler is installed).")] = False,
     ptq: Annotated[str, typer.Option("--ptq", help="int8 quantisation: 'best' (activation equalisation, "
-                                     "error-compensating weight rounding, class-map output) or 'plain' "
+                                     "error-compensating weight rounding) or 'plain' "
                                      "(the converter's min/max).")] = "best",
     via: Annotated[str, typer.Option("--via", help="Conversion route: 'keras' (Keras -> TFLiteConverter) or "
                                      "'onnx2tf' (PyTorch -> ONNX -> onnx2tf).")] = "keras",
@@ -107,7 +112,7 @@ def convert(
                           calib_count=calib_count, io=io, input_size=input_size, crop_fraction=crop_fraction,
                           mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), labels=labels, check=check,
                           max_drop=max_drop, output=output, force=force, normalization=normalization, via=via,
-                          ptq=ptq, edgetpu=edgetpu)
+                          head=head, ptq=ptq, edgetpu=edgetpu)
     with progress_bars(enabled=not json_out) as bars:
         result = run_convert(opts, bars)
     err.print(f"weights: {result.found}")
@@ -139,7 +144,9 @@ def convert(
                   f"top-1 drop {_span(acc['top1_drop_ci95'], ' points', signed=True)}")
     if rep.get("edgetpu"):
         compiled = rep["edgetpu"]["compiled"]
-        err.print("Edge TPU: compatible" + (f"; compiled to {compiled['model']}" if compiled else ""))
+        cpu = rep["edgetpu"]["check"]["cpu_ops"]
+        err.print("Edge TPU: compatible" + (f" (on the CPU after it: {', '.join(cpu)})" if cpu else "")
+                  + (f"; compiled to {compiled['model']}" if compiled else ""))
     err.print(f"wrote {result.path}\nreport {result.report_path}")
 
 
@@ -456,8 +463,7 @@ def edgetpu_check(
     if json_out:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     elif result.compatible:
-        typer.echo(f"{model}: compatible with the Edge TPU ({sum(result.ops.values())} ops, "
-                   f"{result.parameter_bytes / 1e6:.2f} MB of parameters)")
+        typer.echo(f"{model}: compatible with the Edge TPU ({result.summary()})")
     else:
         typer.echo(f"{model}: NOT fully compatible with the Edge TPU:")
         for reason in result.reasons:
@@ -478,7 +484,8 @@ def edgetpu_compile(
     compiled = compile_model(model, out_dir, force=force)
     for row in compiled.rows:
         typer.echo(f"{row['op']:<24} {row['count']:>4}  {row['status']}")
-    typer.echo(f"wrote {compiled.output} ({'fully mapped' if compiled.fully_mapped else 'partly on the CPU'})")
+    cpu = ", ".join(f"{r['op']} x{r['count']}" for r in compiled.cpu_rows)
+    typer.echo(f"wrote {compiled.output} ({'fully mapped' if compiled.fully_mapped else 'on the CPU: ' + cpu})")
 
 
 def _say(message: str, colour: str | None = typer.colors.RED) -> None:

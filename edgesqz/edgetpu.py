@@ -140,9 +140,9 @@ def check_model(path: str | os.PathLike[str]) -> Check:
                    and len(first.inputs) > 0 and int(first.inputs[0]) in [int(i) for i in sub.inputs])
     for name, count in sorted(mapped.items()):
         if name not in SUPPORTED_OPS:
-            hint = (": the uint8 input goes through float (DEQUANTIZE + QUANTIZE, the fast form for XNNPACK); for "
-                    "the Edge TPU make it one QUANTIZE (standard_head.add_probability_head(..., "
-                    "input_conversion='quantize'))" if name == "DEQUANTIZE" and float_input else "")
+            hint = (": the uint8 input goes through float (DEQUANTIZE + QUANTIZE, the fast form for XNNPACK); "
+                    "convert with --edgetpu for the Edge TPU's form (one QUANTIZE)"
+                    if name == "DEQUANTIZE" and float_input else "")
             reasons.append(f"op {name} (x{count}) is not supported by the Edge TPU; it and everything after it "
                            f"would run on the CPU{hint}")
     for op in sub.operators[:tail_start]:

@@ -64,6 +64,7 @@ def convert(
     calib: Annotated[str | None, typer.Option("--calib", help="Calibration images: a folder (recursive) or a "
                                               "video file. Required for --int8.")] = None,
     calib_count: Annotated[int, typer.Option("--calib-count", help="How many calibration images.")] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Which reproducible sample of --calib-count images.")] = 0,
     io: Annotated[str | None, typer.Option("--io", help="int8 models' input: uint8 (raw pixels; default, what "
                                            "standard clients take) or int8 (pixel - 128).")] = None,
     head: Annotated[str, typer.Option("--head", help="Output: 'probabilities' (one [1, C] float32 vector; the "
@@ -112,7 +113,7 @@ def convert(
                           calib_count=calib_count, io=io, input_size=input_size, crop_fraction=crop_fraction,
                           mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), labels=labels, check=check,
                           max_drop=max_drop, output=output, force=force, normalization=normalization, via=via,
-                          head=head, ptq=ptq, edgetpu=edgetpu)
+                          head=head, ptq=ptq, edgetpu=edgetpu, seed=seed)
     with progress_bars(enabled=not json_out) as bars:
         result = run_convert(opts, bars)
     err.print(f"weights: {result.found}")

@@ -149,8 +149,9 @@ def _test_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _build_model(tmp_path_factory: pytest.TempPathFactory, fmt: str, ptq: str = "best") -> Path:
-    suffix = "-plain" if ptq == "plain" else ""
+def _build_model(tmp_path_factory: pytest.TempPathFactory, fmt: str, ptq: str = "best",
+                 head: str = "probabilities") -> Path:
+    suffix = ("-plain" if ptq == "plain" else "") + ("" if head == "probabilities" else f"-{head}")
     target = _test_models_dir(tmp_path_factory) / f"squeezenet1_1-{fmt}{suffix}.tflite"
     if target.exists():
         return target
@@ -162,7 +163,7 @@ def _build_model(tmp_path_factory: pytest.TempPathFactory, fmt: str, ptq: str = 
     from edgesqz.converters.convert import ConvertOptions, convert
 
     convert(ConvertOptions(
-        weights=str(weights), fmt=fmt, output=str(target), ptq=ptq,
+        weights=str(weights), fmt=fmt, output=str(target), ptq=ptq, head=head,
         calib=str(_need(SHARED / "data" / "imagenet-sample-1000")) if fmt == "int8" else None,
         calib_count=CALIB_FOR_TESTS, labels=str(_need(SHARED / "data" / "labels" / "imagenet_class_index.json")),
     ))
@@ -171,14 +172,21 @@ def _build_model(tmp_path_factory: pytest.TempPathFactory, fmt: str, ptq: str = 
 
 @pytest.fixture(scope="session")
 def int8_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SqueezeNet 1.1, real weights, full int8, calibrated on 48 shared ImageNet photos."""
+    """SqueezeNet 1.1, real weights, full int8, calibrated on 48 shared ImageNet photos; the default
+    (standard) contract: uint8 pixels in, one [1, 1000] float32 vector of probabilities out."""
     return _build_model(tmp_path_factory, "int8")
 
 
 @pytest.fixture(scope="session")
 def int8_plain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same, quantised with the converter's min/max alone: logits output (MEAN inside the model)."""
-    return _build_model(tmp_path_factory, "int8", ptq="plain")
+    """The same, quantised with the converter's min/max alone, with int8 logits out (MEAN inside the model)."""
+    return _build_model(tmp_path_factory, "int8", ptq="plain", head="logits")
+
+
+@pytest.fixture(scope="session")
+def int8_class_map_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same with edgesqz 0.x's contract: int8 input (pixel - 128), int8 class map [1, 13, 13, 1000] out."""
+    return _build_model(tmp_path_factory, "int8", head="class_map")
 
 
 @pytest.fixture(scope="session")

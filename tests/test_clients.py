@@ -5,13 +5,10 @@ MediaPipe Tasks (``mediapipe.tasks.python.vision.ImageClassifier``) and the TFLi
 (``scripts/clients.sh``; ``scripts/test.sh`` builds them), through ``tests/clients/classify_with.py``.
 Both get the SAME pixels as ``edgesqz classify``: real photos centre-cropped and resized by
 ``edgesqz.imaging.preprocess`` and handed over as RGB arrays (both clients decode grayscale JPEGs
-badly from files). Checked: the standard model and the float32 model load in both; their top-1
-(index and label) equals ``edgesqz.device.classifier.Classifier``'s on every photo; the scores of a
-model that outputs probabilities are probabilities. Today's default int8 model (int8 input, class
-map output) is refused by both, which is what issue 18 is about.
-
-The standard model is built here from today's int8 class-map model with
-``converters.standard_head.add_probability_head``.
+badly from files). Checked: the int8 and float32 models ``edgesqz convert`` writes by default load
+in both; their top-1 (index and label) equals ``edgesqz.device.classifier.Classifier``'s on every
+photo; their scores are probabilities. edgesqz 0.x's int8 model (int8 input, class map output,
+still written with ``--head class_map --io int8``) is refused by both: what issue 18 was about.
 """
 
 from __future__ import annotations
@@ -70,15 +67,6 @@ def crops(imagenet_sample: Path, photos: list[Path], tmp_path_factory: pytest.Te
     return out
 
 
-@pytest.fixture(scope="module")
-def standard_model(int8_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from edgesqz.converters.standard_head import add_probability_head
-
-    path = tmp_path_factory.mktemp("standard") / "squeezenet1_1-int8-standard.tflite"
-    path.write_bytes(add_probability_head(int8_model.read_bytes()))
-    return path
-
-
 def edgesqz_scores(model: Path, crops: list[tuple[str, np.ndarray, Path]]) -> tuple[Classifier, np.ndarray]:
     """``edgesqz classify``'s probabilities on the given crops (no second crop: the pixels go in as they are)."""
     clf = Classifier(model, threads=1)
@@ -87,19 +75,20 @@ def edgesqz_scores(model: Path, crops: list[tuple[str, np.ndarray, Path]]) -> tu
 
 @pytest.mark.slow
 @pytest.mark.parametrize("client", CLIENTS)
-def test_todays_class_map_model_is_refused(client: str, int8_model: Path, crops: list) -> None:
-    code, lines = run_client(client, int8_model, [crops[0][2]])
+def test_the_old_class_map_model_is_refused(client: str, int8_class_map_model: Path, crops: list) -> None:
+    code, lines = run_client(client, int8_class_map_model, [crops[0][2]])
     assert code == 3 and "error" in lines[0], lines
     assert "INT8" in lines[0]["error"] or "13x13" in lines[0]["error"], lines[0]["error"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("client", CLIENTS)
-@pytest.mark.parametrize("which", ["standard", "float32"])
+@pytest.mark.parametrize("which", ["int8", "float32"])
 def test_client_top1_equals_edgesqz_classify(client: str, which: str, request: pytest.FixtureRequest,
                                              crops: list[tuple[str, np.ndarray, Path]]) -> None:
-    model: Path = request.getfixturevalue("standard_model" if which == "standard" else "float_model")
+    model: Path = request.getfixturevalue("int8_model" if which == "int8" else "float_model")
     clf, ours = edgesqz_scores(model, crops)
+    assert clf.output_kind == "probabilities"
     assert clf.labels is not None and len(clf.labels) == 1000
     code, lines = run_client(client, model, [p for _, _, p in crops])
     assert code == 0, lines  # (a) the client loads the model and classifies every photo
@@ -114,10 +103,10 @@ def test_client_top1_equals_edgesqz_classify(client: str, which: str, request: p
         if (top["index"] != best and not tie) or top["label"] != clf.labels[top["index"]]:
             mismatches.append((name, top, best, clf.labels[best]))
         assert line["scores"]["count"] == 1000
-        if clf.output_kind == "probabilities":  # (c) the scores are probabilities, and edgesqz's
-            assert line["scores"]["min"] >= 0.0 and line["scores"]["max"] <= 1.0 + 1e-6
-            assert abs(line["scores"]["sum"] - 1.0) < 1e-3, line["scores"]
-            assert abs(top["score"] - float(scores[top["index"]])) < 1e-3, (top, float(scores[top["index"]]))
+        # (c) the scores are probabilities, and edgesqz's
+        assert line["scores"]["min"] >= 0.0 and line["scores"]["max"] <= 1.0 + 1e-6
+        assert abs(line["scores"]["sum"] - 1.0) < 1e-3, line["scores"]
+        assert abs(top["score"] - float(scores[top["index"]])) < 1e-3, (top, float(scores[top["index"]]))
     # (b) the same top-1 (index and class name) as edgesqz classify on the same pixels
     assert not mismatches, f"{len(mismatches)}/{len(crops)} photos differ: {mismatches}"
 

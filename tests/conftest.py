@@ -150,8 +150,9 @@ def _test_models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _build_model(tmp_path_factory: pytest.TempPathFactory, fmt: str, ptq: str = "best",
-                 head: str = "probabilities") -> Path:
-    suffix = ("-plain" if ptq == "plain" else "") + ("" if head == "probabilities" else f"-{head}")
+                 head: str = "probabilities", edgetpu: bool = False) -> Path:
+    suffix = ("-plain" if ptq == "plain" else "") + ("" if head == "probabilities" else f"-{head}") \
+        + ("-edgetpu" if edgetpu else "")
     target = _test_models_dir(tmp_path_factory) / f"squeezenet1_1-{fmt}{suffix}.tflite"
     if target.exists():
         return target
@@ -163,7 +164,7 @@ def _build_model(tmp_path_factory: pytest.TempPathFactory, fmt: str, ptq: str = 
     from edgesqz.converters.convert import ConvertOptions, convert
 
     convert(ConvertOptions(
-        weights=str(weights), fmt=fmt, output=str(target), ptq=ptq, head=head,
+        weights=str(weights), fmt=fmt, output=str(target), ptq=ptq, head=head, edgetpu=edgetpu,
         calib=str(_need(SHARED / "data" / "imagenet-sample-1000")) if fmt == "int8" else None,
         calib_count=CALIB_FOR_TESTS, labels=str(_need(SHARED / "data" / "labels" / "imagenet_class_index.json")),
     ))
@@ -187,6 +188,12 @@ def int8_plain_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def int8_class_map_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same with edgesqz 0.x's contract: int8 input (pixel - 128), int8 class map [1, 13, 13, 1000] out."""
     return _build_model(tmp_path_factory, "int8", head="class_map")
+
+
+@pytest.fixture(scope="session")
+def int8_edgetpu_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The standard int8 model in the Edge TPU's form (``convert --edgetpu``: one QUANTIZE at the input)."""
+    return _build_model(tmp_path_factory, "int8", edgetpu=True)
 
 
 @pytest.fixture(scope="session")

@@ -97,13 +97,18 @@ def _check_exact(path: Path, reference: torch.nn.Module, classes: int, pixels: n
     keras_out = model(_normalise(pixels), training=False).numpy()
     assert np.abs(keras_out - expected).max() < 1e-4
 
-    out = tmp_path / "cifar-float32.tflite"
-    result = edgesqz("convert", "--weights", str(path), "--float32", "-o", str(out))
+    out = tmp_path / "cifar-float32-logits.tflite"
+    result = edgesqz("convert", "--weights", str(path), "--float32", "--head", "logits", "-o", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "CIFAR SqueezeNet" in result.stderr and f"{classes} classes" in result.stderr
     tflite = tflite_outputs(out.read_bytes(), pixels)
     assert np.abs(tflite - expected).max() < 1e-4
     np.testing.assert_array_equal(tflite.argmax(1), expected.argmax(1))
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 @pytest.mark.parametrize(("classes", "data_parallel"), [(100, False), (100, True), (7, False)])
@@ -116,10 +121,17 @@ def test_random_checkpoint_is_exact_in_keras_and_float_tflite(tmp_path: Path, re
 
 def test_trained_checkpoint_is_exact_too(trained_pth: Path, real_pixels: np.ndarray, tmp_path: Path) -> None:
     from edgesqz.converters.torch_import import load_state_dict
+    from edgesqz.evaluate import tflite_outputs
 
     reference = CifarSqueezeNet(8)
     reference.load_state_dict({k: torch.from_numpy(v) for k, v in load_state_dict(trained_pth).items()})
     _check_exact(trained_pth, reference.eval(), 8, real_pixels, tmp_path)
+    # and the default (standard) float model: its probabilities are PyTorch's softmax
+    out = tmp_path / "cifar-float32.tflite"
+    result = edgesqz("convert", "--weights", str(trained_pth), "--float32", "-o", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    expected = _softmax(_torch_logits(reference, real_pixels).astype(np.float64))
+    assert np.abs(tflite_outputs(out.read_bytes(), real_pixels) - expected).max() < 1e-5
 
 
 def test_padded_stem_is_why_the_fold_needs_centring(real_pixels: np.ndarray) -> None:
@@ -217,8 +229,10 @@ def test_trained_checkpoint_int8_with_gate_then_device(crops32: Path, trained_pt
     assert result.returncode == 0, result.stderr[-3000:]
     rep = json.loads(result.stdout)
     acc = rep["accuracy"]
+    from edgesqz.converters.standard_head import standard_classifier_problems
+
     assert rep["architecture"] == "squeezenet_cifar" and rep["input_size"] == SIZE
-    assert set(rep["graph"]["tensor_types"]) <= {"INT8", "INT32"}
+    assert standard_classifier_problems(out.read_bytes()) == []  # uint8 in, int8 body, [1, 8] probabilities out
     assert acc["labelled_by"] == "folders" and acc["images"] == 128
     # the float model learned (8 classes, 12.5 % by chance); int8 must follow it closely
     assert acc["reference"]["top1"] > 60, acc

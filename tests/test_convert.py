@@ -42,19 +42,27 @@ def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: 
 
 # --- the int8 model: contract, metadata and behaviour ----------------------------------------------
 
-def test_int8_model_is_full_integer(int8_model: Path) -> None:
+def test_int8_model_is_full_integer_and_a_standard_classifier(int8_model: Path) -> None:
+    from edgesqz.converters.standard_head import standard_classifier_problems
+
     data = int8_model.read_bytes()
-    assert len(data) <= 1_400_000
+    assert len(data) <= 1_420_000
     graph = graph_summary(data)
-    assert set(graph["tensor_types"]) <= {"INT8", "INT32"}
-    assert set(graph["ops"]) <= {"CONV_2D", "MAX_POOL_2D", "CONCATENATION", "MEAN", "QUANTIZE", "SUB", "MUL"}
-    assert graph["subgraphs"] == 1
+    assert graph["subgraphs"] == 1 and standard_classifier_problems(data) == []
+    assert graph["ops"] == {"DEQUANTIZE": 2, "QUANTIZE": 1, "CONV_2D": 26, "MAX_POOL_2D": 3, "CONCATENATION": 8,
+                            "MEAN": 1, "SOFTMAX": 1}
+    # every tensor between the input conversion and the class map is int8; only the uint8 pixels, their
+    # float copy and the three head tensors (the dequantised map, its mean, the probabilities) are not
+    assert graph["tensor_types"]["UINT8"] == 1 and graph["tensor_types"]["FLOAT32"] == 4
     interpreter, _ = make_interpreter(data)
     inp, out = interpreter.get_input_details()[0], interpreter.get_output_details()[0]
-    assert inp["dtype"] == np.int8 and list(inp["shape_signature"]) == [1, 224, 224, 3]
-    assert inp["quantization"] == (1.0, -128)  # int8 input is exactly pixel - 128
-    assert out["dtype"] == np.int8 and list(out["shape"]) == [1, 13, 13, 1000]  # class map, pooled on the device
-    assert read_metadata(data).info["output"] == {"kind": "class_map", "classes": 1000}
+    assert inp["dtype"] == np.uint8 and list(inp["shape_signature"]) == [1, 224, 224, 3]
+    assert inp["quantization"] == (1.0, 0)  # raw pixels
+    assert out["dtype"] == np.float32 and list(out["shape"]) == [1, 1000]
+    assert read_metadata(data).info["output"] == {"kind": "probabilities", "classes": 1000, "dtype": "float32"}
+    convs = [op for op in interpreter._get_ops_details() if op["op_name"] == "CONV_2D"]
+    details = {d["index"]: d for d in interpreter.get_tensor_details()}
+    assert all(details[int(t)]["dtype"] == np.int8 for op in convs for t in (*op["inputs"][:2], *op["outputs"]))
 
 
 def test_int8_model_is_self_describing(int8_model: Path) -> None:
@@ -64,7 +72,7 @@ def test_int8_model_is_self_describing(int8_model: Path) -> None:
     info = meta.info
     assert info["architecture"] == "squeezenet1_1" and info["format"] == "int8"
     assert info["input"] == {"size": 224, "layout": "NHWC", "color_order": "RGB", "range": [0, 255],
-                             "dtype": "int8", "normalization": "inside"}
+                             "dtype": "uint8", "normalization": "inside"}
     assert info["preprocessing"]["crop_fraction"] == pytest.approx(0.875)
     assert info["calibration"]["count"] == 48 and info["calibration"]["skipped"] == 0
     assert len(info["source_weights"]["sha256"]) == 64
@@ -76,7 +84,7 @@ def test_int8_model_is_self_describing(int8_model: Path) -> None:
 def test_int8_model_classifies_real_photos(int8_model: Path, photos: list[Path]) -> None:
     labels = read_metadata(int8_model).labels
     images = np.stack([preprocess(read_image(p)) for p in photos])
-    logits = tflite_outputs(int8_model.read_bytes(), images)  # pools the class map the model outputs
+    logits = tflite_outputs(int8_model.read_bytes(), images)  # probabilities
     top1 = {p.name: labels[int(row.argmax())] for p, row in zip(photos, logits, strict=True)}
     assert top1["coffee.png"] == "espresso"
     assert top1["chelsea.png"] in {"tabby", "tiger cat", "Egyptian cat"}
@@ -165,6 +173,26 @@ def test_default_output_becomes_latest(tmp_path: Path, real_weights: Path) -> No
     assert result.returncode == 0, result.stderr
     latest = home / "models" / "latest.tflite"
     assert latest.is_symlink() and read_metadata(latest).info["format"] == "float32"
+    # no --labels: 1000-class torchvision weights get the ImageNet class names (with their wnids)
+    assert "class_0" not in result.stderr
+    meta = read_metadata(latest)
+    assert meta.labels is not None and meta.labels[967] == "espresso" and meta.info["labels"]["ids"][967] == "n07920052"
+
+
+@pytest.mark.parametrize("fmt", ["float16", "dynamic"])
+def test_every_format_is_a_standard_classifier(tmp_path: Path, real_weights: Path, photos: list[Path],
+                                               fmt: str) -> None:
+    from edgesqz.converters.standard_head import standard_classifier_problems
+
+    out = tmp_path / f"m-{fmt}.tflite"
+    result = edgesqz("convert", "--weights", str(real_weights), f"--{fmt}", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    data = out.read_bytes()
+    assert standard_classifier_problems(data) == []
+    probabilities = tflite_outputs(data, np.stack([preprocess(read_image(p)) for p in photos]))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-4)
+    assert read_metadata(data).labels[int(probabilities[[p.name for p in photos].index("coffee.png")].argmax())] \
+        == "espresso"
 
 
 # --- bad input: one line, non-zero exit, nothing written ----------------------------------------------

@@ -154,7 +154,7 @@ def test_classify_shared_photos_int8(int8_model: Path, photos_dir: Path) -> None
     clf = Classifier(int8_model, threads=1)
     assert clf.backend.name == "ai_edge_litert"
     assert clf.coverage.full, clf.describe_runtime()
-    assert clf.spec.mode == "xor" and clf.output_kind == "class_map" and clf.num_classes == 1000
+    assert clf.spec.mode == "raw" and clf.output_kind == "probabilities" and clf.num_classes == 1000
     coffee = clf.classify(cv2.imread(str(photos_dir / "coffee.png")))
     assert coffee[0][0] == "espresso"
     assert len(coffee) == 5 and all(a[1] >= b[1] for a, b in itertools.pairwise(coffee))
@@ -183,13 +183,19 @@ def test_rgb_input_and_bgr_input_agree(int8_model: Path, photos_dir: Path) -> No
     np.testing.assert_array_equal(a, b)
 
 
-def test_prepare_is_the_shared_preprocessing(int8_model: Path, photos_dir: Path) -> None:
-    clf = Classifier(int8_model, threads=1)
+@pytest.mark.parametrize("which", ["int8_model", "int8_class_map_model"])
+def test_prepare_is_the_shared_preprocessing(which: str, photos_dir: Path, request: pytest.FixtureRequest) -> None:
+    clf = Classifier(request.getfixturevalue(which), threads=1)
     img = cv2.imread(str(photos_dir / "grace_hopper.jpg"))
     tensor = clf.prepare(img)
     rgb = preprocess(img, 224, 224 / 256)
-    assert tensor.shape == (1, 224, 224, 3) and tensor.dtype == np.int8
-    np.testing.assert_array_equal(tensor[0].astype(np.int16), rgb.astype(np.int16) - 128)
+    assert tensor.shape == (1, 224, 224, 3)
+    if which == "int8_model":  # the standard model takes the raw pixels
+        assert tensor.dtype == np.uint8 and clf.spec.mode == "raw"
+        np.testing.assert_array_equal(tensor[0], rgb)
+    else:  # edgesqz 0.x's int8 input: exactly pixel - 128
+        assert tensor.dtype == np.int8 and clf.spec.mode == "xor"
+        np.testing.assert_array_equal(tensor[0].astype(np.int16), rgb.astype(np.int16) - 128)
 
 
 def test_timings_threshold_and_top(int8_model: Path, photos_dir: Path) -> None:
@@ -339,16 +345,17 @@ def test_cli_bad_models(variants: dict[str, Path], photos_dir: Path, variant: st
 
 
 @pytest.mark.parametrize("output", ["float32", "uint8"])
-def test_standard_head_models_read_as_probabilities(int8_model: Path, tmp_path: Path, photos_dir: Path,
+def test_standard_head_models_read_as_probabilities(int8_class_map_model: Path, tmp_path: Path, photos_dir: Path,
                                                     output: str) -> None:
     """A standard model (uint8 in, [1, C] probabilities out) with and without metadata; older class maps too."""
     from edgesqz.converters.standard_head import add_probability_head
 
+    int8_model = int8_class_map_model  # edgesqz 0.x's int8 contract: int8 in, class map out
     standard = add_probability_head(int8_model.read_bytes(), output=output)  # type: ignore[arg-type]
     with_meta = _write(tmp_path, "standard.tflite", standard)
     bare = _write(tmp_path, "standard_bare.tflite", _pack(_strip_metadata(fb.ModelT.InitFromPackedBuf(standard, 0))))
     img = cv2.imread(str(photos_dir / "coffee.png"))
-    old = Classifier(int8_model, threads=1)  # today's class-map model still reads
+    old = Classifier(int8_model, threads=1)  # the class-map model still reads
     assert old.output_kind == "class_map"
     expected = old.scores(img).scores
     for path in (with_meta, bare):

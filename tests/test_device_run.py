@@ -288,10 +288,21 @@ def test_error_missing_edge_tpu(int8_model: Path, photos_dir: Path) -> None:
                    "unknown delegate")
 
 
-def test_error_no_model_says_how_to_make_one(photos_dir: Path, tmp_path: Path) -> None:
-    env = {"EDGESQZ_HOME": str(tmp_path / "empty-home")}
-    for command in (["run", "--source", photos_dir], ["classify", photos_dir / "coffee.png"]):
-        one_error_line(edgesqz(*command, env=env), "edgesqz convert --int8 --weights", "--calib")
+def test_no_model_named_uses_the_installed_default(photos_dir: Path, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"EDGESQZ_HOME": str(tmp_path / "empty-home"), "EDGESQZ_MODEL": ""}
+    for command in (["run", "--source", photos_dir, "--json"], ["classify", photos_dir / "coffee.png", "--json"]):
+        result = edgesqz(*command, env=env)
+        assert result.returncode == 0, result.stderr
+        assert "the default model installed with edgesqz" in result.stderr
+    # an install without the default model (a trimmed build) says how to make one
+    from edgesqz.device import models
+
+    monkeypatch.setenv("EDGESQZ_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.delenv("EDGESQZ_MODEL", raising=False)
+    monkeypatch.setattr(models, "packaged_model", lambda: None)
+    with pytest.raises(models.NoModelError, match="edgesqz convert --int8 --weights"):
+        models.choose_model(None)
 
 
 def test_error_bad_options(int8_model: Path, videos: dict[str, Path], tmp_path: Path) -> None:

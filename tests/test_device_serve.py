@@ -114,7 +114,7 @@ def test_status_json(served: ServeRun) -> None:
     assert 0 < status["latency_ms"]["inference"]["p50"] <= status["latency_ms"]["end_to_end"]["p90"]
     model = status["model"]
     assert model["file"] == "squeezenet1_1-int8.tflite" and model["input_size"] == 224
-    assert model["input_dtype"] == "int8" and model["classes"] == 1000 and model["threads"] == 1
+    assert model["input_dtype"] == "uint8" and model["classes"] == 1000 and model["threads"] == 1
     assert model["backend"] == "ai_edge_litert" and model["coverage"]["full"] is True
     assert status["device"]["cores"] == os.cpu_count() and status["device"]["python"]
     assert status["summary"] is None

@@ -71,8 +71,14 @@ def _model_check(home: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict, boo
 def test_doctor_checks_the_default_model(int8_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     models = tmp_path / "models"
     models.mkdir()
-    check, can_run = _model_check(tmp_path, monkeypatch)  # none yet: a warning, the device can still run models
-    assert check["status"] == "warn" and "edgesqz convert" in check["fix"] and can_run
+    check, can_run = _model_check(tmp_path, monkeypatch)  # none converted: the installed default, ready
+    assert check["status"] == "ok" and "the default model installed with edgesqz" in check["detail"] and can_run
+    from edgesqz.device import models as chooser
+
+    with monkeypatch.context() as patch:
+        patch.setattr(chooser, "packaged_model", lambda: None)
+        check, can_run = _model_check(tmp_path, monkeypatch)  # none at all: a warning, the device can still run
+        assert check["status"] == "warn" and "edgesqz convert" in check["fix"] and can_run
     latest = models / "latest.tflite"
     latest.symlink_to(tmp_path / "gone.tflite")  # dangling link
     check, can_run = _model_check(tmp_path, monkeypatch)

@@ -52,10 +52,13 @@ def _model(tmp_path: Path, name: str, shape: list[int | None], body: Callable[[t
     return _write(tmp_path, name, _int8(m.__call__, shape))
 
 
-def test_edgesqz_int8_model_is_compatible(int8_model: Path) -> None:
-    result = check_model(int8_model)
+def test_edgesqz_int8_model_is_compatible(int8_edgetpu_model: Path) -> None:
+    result = check_model(int8_edgetpu_model)
     assert result.compatible, result.reasons
     assert result.ops["CONV_2D"] == 26 and 1e6 < result.parameter_bytes < 1.4e6
+    # the standard head's float tail after the class map is what the compiler leaves to the CPU
+    assert result.cpu_ops == {"DEQUANTIZE": 1, "MEAN": 1, "SOFTMAX": 1}
+    assert "on the CPU: DEQUANTIZE x1, MEAN x1, SOFTMAX x1" in result.summary()
 
 
 def test_float_model_fails_on_types(float_model: Path) -> None:
@@ -105,10 +108,13 @@ def test_parameters_larger_than_on_chip_memory(tmp_path: Path) -> None:
     assert any("on-chip memory" in r for r in check_model(path).reasons)
 
 
-def test_cli_exit_codes(int8_model: Path, float_model: Path) -> None:
-    ok = subprocess.run([sys.executable, "-m", "edgesqz", "edgetpu", "check", str(int8_model)], capture_output=True,
-                        text=True)
-    assert ok.returncode == 0 and "compatible with the Edge TPU" in ok.stdout
+def test_cli_exit_codes(int8_edgetpu_model: Path, int8_model: Path, float_model: Path) -> None:
+    ok = subprocess.run([sys.executable, "-m", "edgesqz", "edgetpu", "check", str(int8_edgetpu_model)],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "compatible with the Edge TPU" in ok.stdout and "on the CPU" in ok.stdout
+    cpu = subprocess.run([sys.executable, "-m", "edgesqz", "edgetpu", "check", str(int8_model)], capture_output=True,
+                         text=True)  # the XNNPACK form of the input conversion: the Edge TPU stops at once
+    assert cpu.returncode == 1 and "--edgetpu" in cpu.stdout
     bad = subprocess.run([sys.executable, "-m", "edgesqz", "edgetpu", "check", str(float_model)], capture_output=True,
                          text=True)
     assert bad.returncode == 1 and "NOT fully compatible" in bad.stdout
@@ -191,8 +197,8 @@ def test_float_ops_before_the_int8_graph_are_not_a_tail(tmp_path: Path) -> None:
     assert result.cpu_ops == {"DEQUANTIZE": 1, "MEAN": 1, "SOFTMAX": 1}  # the tail is still recognised
 
 
-def test_int8_only_model_has_no_cpu_ops(int8_model: Path) -> None:
-    result = check_model(int8_model)
+def test_int8_only_model_has_no_cpu_ops(int8_class_map_model: Path) -> None:
+    result = check_model(int8_class_map_model)
     assert result.compatible and result.cpu_ops == {}
     assert "on the CPU" not in result.summary()
 

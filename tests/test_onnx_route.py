@@ -241,7 +241,8 @@ def test_missing_onnx2tf_is_one_line_with_the_log_kept(tmp_path: Path, monkeypat
 def test_cli_best_int8_via_onnx2tf_matches_the_keras_route(tmp_path: Path, real_weights: Path, imagenet_sample: Path,
                                                            imagenet_labels: Path, int8_model: Path,
                                                            held_out: np.ndarray) -> None:
-    """The same prepared weights (equalised, GPTQ-rounded, class-map head) through PyTorch -> ONNX -> onnx2tf.
+    """The same prepared weights (equalised, GPTQ-rounded, class map out) through PyTorch -> ONNX -> onnx2tf,
+    then the same standard head.
 
     ``int8_model`` is the Keras route's model with the same calibration images (conftest: 48, seed 0).
     """
@@ -262,11 +263,14 @@ def test_cli_best_int8_via_onnx2tf_matches_the_keras_route(tmp_path: Path, real_
     report = json.loads(result.stdout)
     assert report["route"] == "onnx2tf" and report["format"] == "int8"
     model = out.read_bytes()
-    assert set(graph_summary(model)["tensor_types"]) <= {"INT8", "INT32"}
+    from edgesqz.converters.standard_head import standard_classifier_problems
+
+    assert standard_classifier_problems(model) == []
+    assert graph_summary(model)["ops"]["CONV_2D"] == 26
     inp, out_detail = _details(model)
-    assert inp["dtype"] == np.int8 and inp["quantization"] == (1.0, -128)
-    assert list(out_detail["shape_signature"]) == [1, 13, 13, 1000] and out_detail["dtype"] == np.int8
-    assert read_metadata(out).info["output"]["kind"] == "class_map"
+    assert inp["dtype"] == np.uint8 and inp["quantization"] == (1.0, 0)
+    assert list(out_detail["shape_signature"]) == [1, 1000] and out_detail["dtype"] == np.float32
+    assert read_metadata(out).info["output"]["kind"] == "probabilities"
     onnx_top = tflite_outputs(model, held_out).argmax(1)
     keras_top = tflite_outputs(int8_model.read_bytes(), held_out).argmax(1)
     assert (onnx_top == keras_top).mean() >= 0.97

@@ -219,21 +219,23 @@ def test_metadata_survives_and_describes_the_new_output(small_class_map: bytes) 
     assert {"TFLITE_METADATA", "min_runtime_version"} <= entries
 
 
-# --- the real SqueezeNet 1.1 int8 model that convert writes today, on real photos -----------------
+# --- the real SqueezeNet 1.1 int8 models convert writes, on real photos ------------------------------
 
 
-def test_real_model_same_top1_as_the_class_map_on_real_photos(int8_model: Path, imagenet_sample: Path,
-                                                             tmp_path: Path) -> None:
+def test_real_model_same_top1_as_the_class_map_on_real_photos(int8_class_map_model: Path, int8_model: Path,
+                                                             imagenet_sample: Path, tmp_path: Path) -> None:
+    """The head on convert's class-map model == the class map averaged == convert's default (standard) model."""
     from edgesqz.device.classifier import Classifier
     from edgesqz.imaging import preprocess, read_image
 
-    class_map = int8_model.read_bytes()
+    class_map = int8_class_map_model.read_bytes()
     standard_path = tmp_path / "standard.tflite"
     standard_path.write_bytes(add_probability_head(class_map))
     standard = standard_path.read_bytes()
     assert standard_classifier_problems(standard) == []
     files = sorted(imagenet_sample.iterdir())[::10]  # 100 real photos
-    old, new = Classifier(int8_model, threads=1), Classifier(standard_path, threads=1)
+    old, new = Classifier(int8_class_map_model, threads=1), Classifier(standard_path, threads=1)
+    converted = Classifier(int8_model, threads=1)
     assert new.output_kind == "probabilities" and new.spec.dtype == np.uint8
     assert new.coverage.full
     assert new.labels == old.labels and len(new.labels) == 1000
@@ -247,6 +249,7 @@ def test_real_model_same_top1_as_the_class_map_on_real_photos(int8_model: Path, 
         a, b = old.scores(frame).scores, new.scores(frame).scores
         assert np.argmax(a) == np.argmax(b)
         np.testing.assert_allclose(a, b, atol=1e-5)
+        np.testing.assert_allclose(converted.scores(frame).scores, b, atol=1e-5)
     assert same == len(files)
     info = json.loads(zipfile.ZipFile(standard_path).read("edgesqz.json"))
     assert info["output"]["kind"] == "probabilities" and info["input"]["dtype"] == "uint8"

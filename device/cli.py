@@ -18,7 +18,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from edgesqz.device.models import ORIGINS, choose_model
+from edgesqz.device.models import ORIGINS, ModelChoice, choose_model
 from edgesqz.errors import EdgesqzError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -74,12 +74,12 @@ def _floats(value: str | None, name: str) -> list[float] | None:
     return values
 
 
-def _classifier(model: Path | None, *, threads: int | None, delegate: str | None, top_k: int, threshold: float,
-                labels: Path | None, crop_fraction: float | None, color_order: str | None, mean: str | None,
-                std: str | None, output_kind: str | None) -> Any:
+def _classifier(model: Path | ModelChoice | None, *, threads: int | None, delegate: str | None, top_k: int,
+                threshold: float, labels: Path | None, crop_fraction: float | None, color_order: str | None,
+                mean: str | None, std: str | None, output_kind: str | None) -> Any:
     from edgesqz.device.classifier import Classifier
 
-    choice = choose_model(model)
+    choice = model if isinstance(model, ModelChoice) else choose_model(model)
     classifier = Classifier(choice.path, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
                             labels=labels, crop_fraction=crop_fraction, color_order=color_order,
                             mean=_floats(mean, "--mean"), std=_floats(std, "--std"), output_kind=output_kind)
@@ -238,9 +238,9 @@ def run(
     from edgesqz.fileio import check_distinct, check_output
 
     retry = parse_reconnect(reconnect)
-    model = resolve_model(model)
+    choice = choose_model(model)
     # Outputs are checked before anything is opened: never an input, never an existing file without --force.
-    inputs = [("--model", model), ("--source", source), ("--labels", labels)]
+    inputs = [("--model", choice.path), ("--source", source), ("--labels", labels)]
     check_distinct([("--output", output), ("--record", record)])
     sinks: list[Sink] = []
     if record is not None:
@@ -256,7 +256,7 @@ def run(
                                    loop=loop)
         frame_source.open()  # a missing camera or an unreadable video fails here, before the model loads
         undo.callback(frame_source.close)
-        classifier = _classifier(model, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
+        classifier = _classifier(choice, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
                                  labels=labels, crop_fraction=crop_fraction, color_order=color_order, mean=mean,
                                  std=std, output_kind=output_kind)
         window = False

@@ -1,13 +1,14 @@
-"""The standard classifier head vs today's class-map int8 model (SqueezeNet 1.1, issue 18).
+"""The standard classifier head (convert's default since issue 18) vs the class-map int8 model (SqueezeNet 1.1).
 
 For each calibration/evaluation split (``--seeds``; the split is ``benchmarks/quant_ablation.py``'s:
 the sorted labelled files of ``<shared>/data/imagenet-sample-1000``, ``random.Random(seed).sample``
 of ``--calib-count`` for calibration, the rest to evaluate), the float pixel model is prepared
 with ``--ptq best`` (``quantize.prepare_int8``) and converted once to the int8 class-map model
-(int8 in, ``[1, 13, 13, 1000]`` int8 out: today's default). Every variant is derived from that same
+(int8 in, ``[1, 13, 13, 1000]`` int8 out: edgesqz 0.x's default, ``--head class_map --io int8``
+now). Every variant is derived from that same
 conversion, so they share the int8 body and differ only at the ends:
 
-- ``class_map``: today's model; the device averages the map in float (``pool_class_map``);
+- ``class_map``: the 0.x model; the device averages the map in float (``pool_class_map``);
 - ``standard``: ``add_probability_head``'s default (the recommended CPU model): uint8 input via
   DEQUANTIZE + QUANTIZE, then ``pool="mean"``: int8 map -> DEQUANTIZE -> MEAN -> SOFTMAX in float32,
   one float32 ``[1, C]`` output; XNNPACK runs every op;

@@ -2,8 +2,10 @@
 
 The PyTorch side is the independent reference in ``tests/torch_squeezenet.py`` (written from the
 network's description, as pytorch-cifar100 defines it); the Keras model is edgesqz's import of the
-``state_dict``; the float TFLite model is what ``edgesqz convert --float32`` writes (pixels in,
-normalisation inside; the padded stem centred first), run by LiteRT. All three see the same real
+``state_dict``; the float TFLite models are what ``edgesqz convert --float32`` writes (pixels in,
+normalisation inside; the padded stem centred first), run by LiteRT: with ``--head logits`` (compared
+with PyTorch's logits) and by default (one ``[1, C]`` vector of probabilities, compared with the
+softmax of PyTorch's logits). All three see the same real
 photos, preprocessed as the device does (whole centre square, 32x32), plus an all-black and an
 all-white image (the padded borders at their worst).
 
@@ -77,13 +79,18 @@ def main() -> None:
         model = SqueezeNet("cifar", classes=found.classes, classifier_activation=None)
         state_dict_to_keras(state, model)
         keras_out = model(normalised.astype(np.float32), training=False).numpy()
-        out = tmp / f"{path.stem}.tflite"
-        subprocess.run([sys.executable, "-m", "edgesqz", "convert", "--weights", str(path), "--float32", "-o",
-                        str(out), "--force"], check=True, capture_output=True)
-        tflite = tflite_outputs(out.read_bytes(), pixels)
-        print(f"{name}: Keras vs PyTorch {np.abs(keras_out - expected).max():.2e}, float TFLite vs PyTorch "
-              f"{np.abs(tflite - expected).max():.2e} (range {np.ptp(expected):.3g}); top-1 equal on "
-              f"{np.mean(tflite.argmax(1) == expected.argmax(1)) * 100:.1f} % of images")
+        outputs = {}
+        for head in ("logits", "probabilities"):
+            out = tmp / f"{path.stem}-{head}.tflite"
+            subprocess.run([sys.executable, "-m", "edgesqz", "convert", "--weights", str(path), "--float32", "--head",
+                            head, "-o", str(out), "--force"], check=True, capture_output=True)
+            outputs[head] = tflite_outputs(out.read_bytes(), pixels)
+        e = np.exp(expected.astype(np.float64) - expected.max(axis=1, keepdims=True))
+        softmax = e / e.sum(axis=1, keepdims=True)
+        print(f"{name}: Keras vs PyTorch {np.abs(keras_out - expected).max():.2e}, float TFLite logits vs PyTorch "
+              f"{np.abs(outputs['logits'] - expected).max():.2e} (range {np.ptp(expected):.3g}), float TFLite "
+              f"probabilities vs PyTorch's softmax {np.abs(outputs['probabilities'] - softmax).max():.2e}; top-1 "
+              f"equal on {np.mean(outputs['probabilities'].argmax(1) == expected.argmax(1)) * 100:.1f} % of images")
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@
 #   scripts/arm64.sh run [--bind DIR[:GUEST]]... -- CMD [ARG...]
 #                                                 run CMD in the emulated userland (venv first on PATH);
 #                                                 --bind makes a host folder visible (same path by default)
-#   scripts/arm64.sh check MODEL.tflite IMAGES_DIR [OUT_DIR]
+#   scripts/arm64.sh check MODEL.tflite IMAGES_DIR [OUT_DIR [EXTRA.tflite ...]]
 #                                                 preprocess IMAGES_DIR on this host, run the model and the
 #                                                 CLI (info, classify, run, bench, doctor, edgetpu check,
 #                                                 each when it exists) here and
 #                                                 under arm64 on the same pixels, compare; exit 1 on mismatch
+#                                                 (integer outputs bit-identical, float within 1e-5, same
+#                                                 top-1); EXTRA models: raw outputs only
 #   scripts/arm64.sh resolve [PYVER]              does the device dependency set resolve for PYVER (3.13)
 #                                                 aarch64 (Raspberry Pi OS trixie)? host-side pip, no install
 #   scripts/arm64.sh clean                        unmount and delete the rootfs
@@ -361,13 +363,14 @@ cmd_run() {
 }
 
 cmd_check() {
-    if [ $# -lt 2 ] || [ $# -gt 3 ]; then die "usage: scripts/arm64.sh check MODEL.tflite IMAGES_DIR [OUT_DIR]"; fi
-    local model images out py work rc=0
+    if [ $# -lt 2 ]; then die "usage: scripts/arm64.sh check MODEL.tflite IMAGES_DIR [OUT_DIR [EXTRA_MODEL.tflite ...]]"; fi
+    local model images out py work rc=0 extra="" i=0 m
     model=$(realpath "$1")
     images=$(realpath "$2")
     [ -f "$model" ] || die "no model $model"
     [ -e "$images" ] || die "no images at $images"
     out=${3:-$(mktemp -d /tmp/edgesqz-arm64-check.XXXXXX)}
+    shift 2; [ $# -gt 0 ] && shift
     mkdir -p "$out"
     out=$(realpath "$out")
     py=$(host_python)
@@ -376,19 +379,26 @@ cmd_check() {
     rm -rf "$work" "$out/host" "$out/arm64"
     mkdir -p "$work/images" "$out/host" "$out/arm64"
     cp "$model" "$work/model.tflite"
+    for m in "$@"; do  # more models whose raw outputs are compared (no CLI run), e.g. an int8-output one
+        [ -f "$m" ] || die "no model $m"
+        cp "$m" "$work/extra$i.tflite"
+        extra="$extra --extra-model extra$i.tflite"
+        i=$((i + 1))
+    done
     if [ -d "$images" ]; then cp -rL "$images/." "$work/images/"; else cp -L "$images" "$work/images/"; fi
     log "host ($py): preprocessing $(basename "$images") into inputs.npz"
     "$py" "$REPO/scripts/arm64_check.py" prepare --images "$work/images" --out "$work/inputs.npz" --video "$work/clip.avi"
     log "host: running the model and the CLI (x86_64)"
-    (cd "$work" && "$py" "$REPO/scripts/arm64_check.py" run --model model.tflite --inputs inputs.npz \
+    # shellcheck disable=SC2086  # $extra is a list of options without spaces
+    (cd "$work" && "$py" "$REPO/scripts/arm64_check.py" run --model model.tflite $extra --inputs inputs.npz \
         --images images --video clip.avi --out "$out/host")
     setup
     mkdir -p "$ROOT/mnt/edgesqz-check"
     mount --bind "$out" "$ROOT/mnt/edgesqz-check"
     log "guest: running the model and the CLI (aarch64, QEMU_CPU=$CPU)"
     local t0=$SECONDS
-    in_guest /bin/sh -c 'cd /mnt/edgesqz-check/work && exec python /src/scripts/arm64_check.py run \
-        --model model.tflite --inputs inputs.npz --images images --video clip.avi --out /mnt/edgesqz-check/arm64'
+    in_guest /bin/sh -c "cd /mnt/edgesqz-check/work && exec python /src/scripts/arm64_check.py run \
+        --model model.tflite $extra --inputs inputs.npz --images images --video clip.avi --out /mnt/edgesqz-check/arm64"
     log "guest run took $((SECONDS - t0)) s"
     "$py" "$REPO/scripts/arm64_check.py" compare "$out/host" "$out/arm64" --out "$out/summary.json" || rc=$?
     log "results in $out (summary.json, host/, arm64/)"

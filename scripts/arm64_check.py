@@ -6,8 +6,9 @@ emulated aarch64 userland on the same files, then ``compare``. Subcommands:
   prepare         --images DIR --out inputs.npz [--video clip.avi]
                   preprocess every image with edgesqz.imaging.preprocess (the host's pixels) and write a
                   short lossless-as-possible video of the same images for ``edgesqz run --source``
-  run             --model M --inputs inputs.npz [--images DIR] [--video FILE] --out DIR
-                  raw int8 outputs of make_interpreter on the given pixels (outputs.npz), this machine's
+  run             --model M [--extra-model M2 ...] --inputs inputs.npz [--images DIR] [--video FILE] --out DIR
+                  raw outputs of make_interpreter on the given pixels, for M and each extra model
+                  (outputs.npz: raw, extra_0, ...), this machine's
                   own preprocessing of the images (pixels.npz), and the CLI: ``info --json``,
                   ``classify --json``, ``run --json``, ``bench`` when the installed edgesqz has them
                   ("not available" otherwise); writes report.json
@@ -37,6 +38,9 @@ from typing import Any
 CLI_TIMEOUT = 900  # seconds; emulation is 100x slower than the hardware
 RUN_FRAMES = 8
 CLI_STEPS = ("info", "classify", "run", "bench", "doctor", "edgetpu_check")
+# Float outputs (the default model's float32 softmax tail after the int8 body) may differ in the last
+# bits between NEON and AVX kernels; integer outputs must be bit-identical.
+FLOAT_TOLERANCE = 1e-5
 FORBIDDEN = ("tensorflow", "tensorflow-cpu", "tf-keras", "tf-nightly", "torch", "torchvision", "jax", "jaxlib")
 DEVICE_DISTS = ("numpy", "opencv-python-headless", "ai-edge-litert", "flatbuffers", "typer", "rich", "edgesqz")
 HWCAP_SVE = 1 << 22  # AT_HWCAP (16) bit on aarch64
@@ -270,8 +274,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     report["model"] = {"file": str(args.model), "sha256": sha256(Path(args.model))}
     report["raw"] = {"shape": list(raw.shape), "dtype": raw.dtype.name, "xnnpack": coverage,
                      "seconds": round(time.monotonic() - t, 2)}
-    np.savez(out / "outputs.npz", raw=raw, names=np.array(names))
-    say(f"int8 outputs of {len(names)} images -> {out / 'outputs.npz'} ({report['raw']['seconds']} s)")
+    arrays = {"raw": raw}
+    report["extra"] = []
+    for i, extra in enumerate(args.extra_model):
+        t = time.monotonic()
+        arrays[f"extra_{i}"], cov = raw_outputs(Path(extra), pixels, args.threads)
+        report["extra"].append({"file": str(extra), "sha256": sha256(Path(extra)),
+                                "shape": list(arrays[f"extra_{i}"].shape), "dtype": arrays[f"extra_{i}"].dtype.name,
+                                "xnnpack": cov, "seconds": round(time.monotonic() - t, 2)})
+    np.savez(out / "outputs.npz", names=np.array(names), **arrays)
+    say(f"raw outputs of {len(arrays)} model(s) on {len(names)} images -> {out / 'outputs.npz'} "
+        f"({report['raw']['seconds']} s for the first)")
 
     if args.images:
         paths = list_images(args.images)
@@ -345,6 +358,28 @@ def normalised_info(info: dict[str, Any]) -> dict[str, Any]:
     return d
 
 
+def compare_outputs(host: Any, arm: Any) -> dict[str, Any]:
+    """One model's raw outputs on both machines: integer outputs must be bit-identical, float outputs
+    within FLOAT_TOLERANCE (absolute) with the same top-1 on every image."""
+    import numpy as np
+
+    r: dict[str, Any] = {"images": int(host.shape[0]), "dtype": host.dtype.name, "shape": list(host.shape[1:])}
+    if host.shape != arm.shape or host.dtype != arm.dtype:
+        return {**r, "ok": False, "bit_identical": False, "max_abs_diff": None, "top1_equal": 0,
+                "images_identical": 0, "error": f"{host.dtype}{list(host.shape)} vs {arm.dtype}{list(arm.shape)}"}
+    diff = np.abs(host.astype(np.float64) - arm.astype(np.float64))
+    r["bit_identical"] = bool(np.array_equal(host, arm))
+    r["images_identical"] = int(sum(np.array_equal(x, y) for x, y in zip(host, arm, strict=True)))
+    r["max_abs_diff"] = float(diff.max()) if diff.size else 0.0
+    r["top1_equal"] = int((host.argmax(1) == arm.argmax(1)).sum())
+    if np.issubdtype(host.dtype, np.integer):
+        r["ok"] = r["bit_identical"]
+    else:
+        r["tolerance"] = FLOAT_TOLERANCE
+        r["ok"] = r["max_abs_diff"] <= FLOAT_TOLERANCE and r["top1_equal"] == r["images"]
+    return r
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -354,15 +389,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     s: dict[str, Any] = {"host": host["environment"], "arm64": arm["environment"]}
     ok = True
 
-    same_inputs = host["inputs"]["sha256"] == arm["inputs"]["sha256"] and host["model"] == arm["model"]
-    hr, ar = np.load(hdir / "outputs.npz")["raw"], np.load(adir / "outputs.npz")["raw"]
-    diff = int(np.abs(hr.astype(np.int64) - ar.astype(np.int64)).max()) if hr.shape == ar.shape else None
-    identical = same_inputs and hr.shape == ar.shape and bool(np.array_equal(hr, ar))
-    s["int8_outputs"] = {"images": int(hr.shape[0]), "identical_inputs": same_inputs, "bit_identical": identical,
-                         "images_identical": int(sum(np.array_equal(x, y) for x, y in zip(hr, ar, strict=False))),
-                         "max_abs_diff": diff, "xnnpack_host": host["raw"]["xnnpack"],
-                         "xnnpack_arm64": arm["raw"]["xnnpack"]}
-    ok &= identical
+    same_inputs = host["inputs"]["sha256"] == arm["inputs"]["sha256"]
+    hz, az = np.load(hdir / "outputs.npz"), np.load(adir / "outputs.npz")
+    models = [("raw", host["model"], arm["model"], host["raw"], arm["raw"])]
+    models += [(f"extra_{i}", {k: h[k] for k in ("file", "sha256")}, {k: a[k] for k in ("file", "sha256")}, h, a)
+               for i, (h, a) in enumerate(zip(host.get("extra", []), arm.get("extra", []), strict=True))]
+    s["outputs"] = []
+    for key, hm, am, hraw, araw in models:
+        r = compare_outputs(hz[key], az[key])
+        r.update(model=Path(hm["file"]).name, identical_inputs=same_inputs and hm == am,
+                 xnnpack_host=hraw["xnnpack"], xnnpack_arm64=araw["xnnpack"])
+        r["ok"] = r["ok"] and r["identical_inputs"]
+        s["outputs"].append(r)
+        ok &= r["ok"]
 
     if (hdir / "pixels.npz").exists() and (adir / "pixels.npz").exists():
         hp, ap = np.load(hdir / "pixels.npz")["pixels"], np.load(adir / "pixels.npz")["pixels"]
@@ -394,10 +433,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(s, indent=2))
 
-    o = s["int8_outputs"]
-    print(f"arm64 vs x86_64: int8 outputs of {o['images']} images on identical pixels: "
-          f"{'BIT-IDENTICAL' if o['bit_identical'] else 'DIFFERENT'} (max abs diff {o['max_abs_diff']}; "
-          f"XNNPACK {o['xnnpack_arm64']['delegated_ops']}/{o['xnnpack_arm64']['total_ops']} ops on arm64)")
+    for o in s["outputs"]:
+        if o["bit_identical"]:
+            verdict = "BIT-IDENTICAL"
+        elif o["ok"]:
+            verdict = f"equal within {FLOAT_TOLERANCE:g}, not bit-identical"
+        else:
+            verdict = "DIFFERENT"
+        print(f"arm64 vs x86_64: {o['dtype']} outputs {o['shape']} of {o['model']} on {o['images']} identical "
+              f"inputs: {verdict} (max abs diff {o['max_abs_diff']}, top-1 equal {o['top1_equal']}/{o['images']}; "
+              f"XNNPACK {o['xnnpack_arm64']['delegated_ops']}/{o['xnnpack_arm64']['total_ops']} ops on arm64)")
     p = s.get("preprocessing")
     if p:
         print(f"arm64 vs x86_64: end-to-end preprocessing (decode + crop + INTER_AREA): "
@@ -548,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--video", type=Path)
     p = sub.add_parser("run")
     p.add_argument("--model", required=True)
+    p.add_argument("--extra-model", action="append", default=[], help="another model whose raw outputs to record")
     p.add_argument("--inputs", required=True)
     p.add_argument("--images")
     p.add_argument("--video")

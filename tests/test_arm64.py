@@ -1,10 +1,12 @@
 """The arm64 proof: the device install in an emulated Raspberry Pi OS-like userland computes what x86_64 does.
 
 Runs ``scripts/arm64.sh check`` (qemu user-mode, Debian bookworm arm64, Python 3.11, ``pip install .``)
-on a real int8 SqueezeNet 1.1 and ~8 shared photos preprocessed here, and checks the int8 outputs are
-bit-identical given identical input pixels, ``info`` matches, and ``classify``/``run`` top-1 labels
-match when those commands exist. Also checks that the device dependencies resolve to aarch64 wheels
-for Python 3.13 (Raspberry Pi OS trixie).
+on a real int8 SqueezeNet 1.1 (the default standard form: int8 body, float32 softmax tail) and the same
+network with int8 logits out, on ~8 shared photos preprocessed here, and checks the int8 outputs are
+bit-identical given identical input pixels, the standard model's probabilities agree within 1e-5 with
+the same top-1 (float kernels differ in the last bits between NEON and AVX), ``info`` matches, and
+``classify``/``run`` top-1 labels match when those commands exist. Also checks that the device
+dependencies resolve to aarch64 wheels for Python 3.13 (Raspberry Pi OS trixie).
 
 Runs when ``EDGESQZ_ARM64=1`` (CI) or the harness's rootfs already exists; needs root (chroot, mounts).
 The first run builds the rootfs (a few minutes); later runs reuse it.
@@ -79,13 +81,16 @@ def host_pixels(images: Path) -> tuple[list[str], np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def check(int8_model: Path, images: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Run ``scripts/arm64.sh check`` once; the results on both machines and the summary."""
+def check(int8_model: Path, int8_plain_model: Path, images: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Run ``scripts/arm64.sh check`` once (the standard model through the CLI, the int8-logits model's raw
+    outputs too); the results on both machines and the summary."""
     if sys.platform != "linux" or platform.machine() != "x86_64" or os.geteuid() != 0:
         pytest.skip("the qemu harness needs root on an x86_64 Linux host (chroot, mounts, binfmt)")
     out = tmp_path_factory.mktemp("arm64-check")
     env = {**os.environ, "EDGESQZ_HOST_PYTHON": sys.executable, "CI": os.environ.get("CI", "true")}
-    proc = subprocess.run(["bash", str(HARNESS), "check", str(int8_model), str(images), str(out)],
+    proc = subprocess.run(["bash", str(HARNESS), "check", str(int8_model), str(images), str(out),
+                           str(int8_plain_model)],
                           capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, timeout=3600)
     print(proc.stdout[-6000:])
     print(proc.stderr[-4000:], file=sys.stderr)
@@ -118,24 +123,39 @@ def test_int8_outputs_bit_identical(check: dict[str, Any], host_pixels: tuple[li
     # both machines were fed exactly the pixels this process computes
     assert [Path(n).name for n in inputs["names"]] == names
     assert np.array_equal(inputs["pixels"], pixels)
-    host = np.load(check["out"] / "host" / "outputs.npz")["raw"]
-    arm = np.load(check["out"] / "arm64" / "outputs.npz")["raw"]
-    # raw int8 output per image: logits (1000) or the whole class map (13 x 13 x 1000), flattened
-    assert host.shape == arm.shape and host.shape[0] == len(names) and host.shape[1] % 1000 == 0
+    host = np.load(check["out"] / "host" / "outputs.npz")["extra_0"]
+    arm = np.load(check["out"] / "arm64" / "outputs.npz")["extra_0"]
+    # raw int8 logits per image (the int8 body's output, MEAN inside the model)
+    assert host.shape == arm.shape == (len(names), 1000)
     assert host.dtype == arm.dtype == np.int8
     diff = np.abs(host.astype(np.int16) - arm.astype(np.int16))
     assert int(diff.max()) == 0, f"int8 outputs differ: max abs diff {diff.max()} on {(diff.max(1) > 0).sum()} images"
-    assert check["summary"]["int8_outputs"]["bit_identical"]
+    summary = check["summary"]["outputs"][1]
+    assert summary["dtype"] == "int8" and summary["bit_identical"] and summary["ok"]
     # XNNPACK runs the whole graph on both
-    assert check["summary"]["int8_outputs"]["xnnpack_arm64"] == check["summary"]["int8_outputs"]["xnnpack_host"]
-    assert check["summary"]["int8_outputs"]["xnnpack_arm64"]["full"]
+    assert summary["xnnpack_arm64"] == summary["xnnpack_host"]
+    assert summary["xnnpack_arm64"]["full"]
+
+
+@needs_emulation
+def test_standard_model_probabilities_agree(check: dict[str, Any]) -> None:
+    """The default model: float32 probabilities, equal within 1e-5 and the same top-1 on every image."""
+    host = np.load(check["out"] / "host" / "outputs.npz")["raw"]
+    arm = np.load(check["out"] / "arm64" / "outputs.npz")["raw"]
+    assert host.dtype == arm.dtype == np.float32 and host.shape == arm.shape and host.shape[1] == 1000
+    np.testing.assert_allclose(host.sum(1), 1.0, atol=1e-4)  # probabilities
+    assert float(np.abs(host - arm).max()) <= 1e-5
+    assert np.array_equal(host.argmax(1), arm.argmax(1))
+    summary = check["summary"]["outputs"][0]
+    assert summary["ok"] and summary["top1_equal"] == summary["images"] == host.shape[0]
+    assert summary["xnnpack_arm64"]["full"] and summary["xnnpack_host"]["full"]
 
 
 @needs_emulation
 def test_preprocessing_across_arches(check: dict[str, Any]) -> None:
     """End-to-end pixels (decode + crop + INTER_AREA) are reported; at most +-1 apart when they differ."""
     pre = check["summary"]["preprocessing"]
-    assert pre["images"] == check["summary"]["int8_outputs"]["images"]
+    assert pre["images"] == check["summary"]["outputs"][0]["images"]
     print(f"end-to-end preprocessing across arches: {pre}")
     assert pre["max_abs_diff"] <= 1, pre
 
@@ -145,7 +165,8 @@ def test_info_matches(check: dict[str, Any]) -> None:
     assert check["summary"]["info"]["status"] == "equal", check["summary"]["info"]
     arm = check["arm64"]["cli"]["info"]["json"]
     assert arm["runtime"]["xnnpack"]["full"]
-    assert arm["inputs"][0]["dtype"] == "int8"
+    assert arm["inputs"][0]["dtype"] == "uint8"  # the standard contract: uint8 pixels in
+    assert arm["outputs"][0]["dtype"] == "float32" and arm["outputs"][0]["shape"] == [1, 1000]
 
 
 @needs_emulation
@@ -189,7 +210,7 @@ def test_doctor_and_edgetpu_check_on_arm64(check: dict[str, Any]) -> None:
 def test_harness_reports_equal(check: dict[str, Any]) -> None:
     assert check["returncode"] == 0, check["stdout"][-3000:]
     assert check["summary"]["result"] == "equal"
-    assert "BIT-IDENTICAL" in check["stdout"]
+    assert "int8 outputs [1000] of extra0.tflite on 8 identical inputs: BIT-IDENTICAL" in check["stdout"]
 
 
 def test_device_dependencies_resolve_for_python313_aarch64(tmp_path: Path) -> None:

@@ -106,7 +106,8 @@ def _serve_sink(address: str | None, token: str | None, max_viewers: int | None)
 
 # Options shared by run and classify for models without metadata.
 LabelsOpt = Annotated[Path | None, typer.Option(
-    "--labels", help="Labels file (one per line, or JSON); overrides the model's own.", rich_help_panel=METADATA_PANEL)]
+    "--labels", help="Labels file (one per line, or JSON); overrides the model's own.", rich_help_panel=METADATA_PANEL,
+    readable=False)]  # readable=False: edgesqz's own readers say what is wrong, in one line
 CropOpt = Annotated[float | None, typer.Option(
     "--crop-fraction", help="Centre crop as a fraction of the shorter side (default: metadata, else 0.875).",
     rich_help_panel=METADATA_PANEL)]
@@ -121,7 +122,7 @@ KindOpt = Annotated[str | None, typer.Option(
     "--output-kind", help="logits, probabilities or class_map (default: metadata, else from the graph).",
     rich_help_panel=METADATA_PANEL)]
 ModelOpt = Annotated[Path | None, typer.Option(
-    "--model", "-m", help="The .tflite model (default: the one `edgesqz convert` wrote last).")]
+    "--model", "-m", help="The .tflite model (default: the one `edgesqz convert` wrote last).", readable=False)]
 ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="Interpreter threads (default: one per CPU core).")]
 DelegateOpt = Annotated[str | None, typer.Option(
     "--delegate", help="edgetpu, edgetpu:usb, edgetpu:usb:0, edgetpu:pci (Coral Edge TPU).")]
@@ -214,7 +215,7 @@ def run(
         "--mqtt-discovery", metavar="PREFIX|off", rich_help_panel=NOTIFY_PANEL,
         help="Home Assistant's discovery prefix (default homeassistant), or off.")] = None,
     mqtt_ca: Annotated[Path | None, typer.Option(
-        "--mqtt-ca", rich_help_panel=NOTIFY_PANEL,
+        "--mqtt-ca", rich_help_panel=NOTIFY_PANEL, readable=False,
         help="With mqtts://: the CA certificate (PEM) of a broker with its own certificate authority.")] = None,
     device_id: Annotated[str | None, typer.Option(
         "--device-id", rich_help_panel=NOTIFY_PANEL,
@@ -308,7 +309,8 @@ def run(
 
 @_errors_as_one_line
 def classify(
-    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.", show_default=False)],
+    images: Annotated[list[Path], typer.Argument(help="Image files or folders of images.", show_default=False,
+                                                                readable=False)],
     model: ModelOpt = None,
     top_k: TopKOpt = 5,
     json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,

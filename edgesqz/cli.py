@@ -513,6 +513,13 @@ def _stop_on_signals() -> None:
             signal.signal(sig, handler)
 
 
+def _usage_line(exc: Exception) -> str:
+    """Typer's (click's) usage error as one line that says where to look: "<message>; see: edgesqz CMD --help"."""
+    message = " ".join(exc.format_message().split()).rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(exc, "ctx", None)
+    return f"{message}; see: {ctx.command_path} --help" if ctx is not None else message
+
+
 def _run_app() -> int:
     """Run the command; every way it can end becomes an exit code and at most one line on stderr."""
     import os
@@ -551,15 +558,9 @@ def _run_app() -> int:
         _say("Aborted!", None)
         return 1
     except Exception as exc:
-        if type(exc).__module__.startswith("typer"):  # usage errors: shown as Typer shows them
-            from typer import rich_utils
-
-            show = getattr(exc, "show", None)
-            try:
-                rich_utils.rich_format_error(exc)  # type: ignore[arg-type]
-            except Exception:
-                if show is not None:
-                    show()
+        if type(exc).__module__.split(".")[0] in ("typer", "click") and hasattr(exc, "format_message"):
+            if exc.format_message().strip():  # type: ignore[attr-defined]  # empty: the help was shown
+                _say(f"error: {_usage_line(exc)}")  # a missing argument, an unknown option, an unreadable path
             return int(getattr(exc, "exit_code", 2))
         if os.environ.get("EDGESQZ_DEBUG"):
             raise

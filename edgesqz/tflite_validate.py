@@ -14,7 +14,7 @@ file could hold), and refuses the model with a one-line reason when:
 - a tensor has a negative dimension (only ``-1`` in ``shape_signature``), a rank above
   :data:`MAX_RANK`, more than :data:`MAX_TENSOR_BYTES` bytes, or an unknown type;
 - a constant tensor's data does not have exactly ``elements * element size`` bytes, or its
-  quantisation parameters do not fit its shape;
+  quantisation parameters do not fit its shape, or a quantisation scale is NaN, infinite or negative;
 - a tensor an operator reads has no data and nothing computes it, or an operator writes into a
   constant tensor;
 - the counts exceed the caps below (bounded work and memory whatever the file says).
@@ -25,6 +25,7 @@ It needs only the standard library and the bounds-checked reader of :mod:`edgesq
 from __future__ import annotations
 
 import math
+import struct
 
 from flatbuffers import number_types as fbn
 
@@ -288,3 +289,8 @@ def _check_quantization(t: _Tbl, shape: list[int], what: str) -> None:
         dim = q.scalar(_Q_DIMENSION, fbn.Int32Flags)
         if not 0 <= dim < len(shape) or shape[dim] != n_scale:
             raise _Invalid(f"{what} of shape {shape} has {n_scale} quantisation scales along dimension {dim}")
+    if n_scale:  # NaN or infinite scales make the reference kernels compute garbage without a word
+        values = struct.unpack_from(f"<{n_scale}f", q.buf, scales[0])
+        bad = next((v for v in values if not (math.isfinite(v) and v >= 0)), None)
+        if bad is not None:
+            raise _Invalid(f"{what} has a quantisation scale of {bad} (scales are finite and positive)")

@@ -91,7 +91,8 @@ def mutant(data: bytes, positions: np.ndarray, seed: int) -> bytes:
 
 
 def crafted_models(model_bytes: bytes) -> dict[str, tuple[bytes, str]]:
-    """Damage that crashed the runtime (SIGSEGV, double free) or raised a traceback before validation."""
+    """Damage that crashed the runtime (SIGSEGV, double free), raised a traceback or gave wrong results (NaN
+    quantisation scales) before validation."""
 
     def concat_input(m: Any, s: Any) -> None:
         first_op(m, s, "CONCATENATION").inputs[0] = -1
@@ -113,7 +114,12 @@ def crafted_models(model_bytes: bytes) -> dict[str, tuple[bytes, str]]:
     def huge_tensor(m: Any, s: Any) -> None:
         m.subgraphs[0].tensors[first_op(m, s, "CONV_2D").outputs[0]].shape = [1, 100000, 100000, 64]
 
+    def nan_weight_scales(m: Any, s: Any) -> None:  # ran, and classified coffee as "nematode"
+        q = m.subgraphs[0].tensors[first_op(m, s, "CONV_2D").inputs[1]].quantization
+        q.scale = [float("nan")] * len(q.scale)
+
     return {
+        "nan-weight-scales": (rebuild(model_bytes, nan_weight_scales), "quantisation scale of nan"),
         "concat-input-minus-1": (rebuild(model_bytes, concat_input), "CONCATENATION) input 0 is tensor -1"),
         "conv-weight-minus-1": (rebuild(model_bytes, conv_weight), "CONV_2D) input 1 is tensor -1"),
         "graph-output-minus-1": (rebuild(model_bytes, graph_output), "output tensor index -1"),

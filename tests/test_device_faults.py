@@ -534,13 +534,41 @@ def as_nobody() -> None:
         os.setuid(65534)
 
 
+def without_root_overrides() -> None:
+    """Stay root but lose CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH for the command about to run (dropped from
+    the bounding set before exec), so file permissions apply to it as to a user."""
+    if os.geteuid() == 0:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+            if libc.prctl(24, cap, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def _as_a_user() -> Callable[[], None]:
+    """A preexec that makes permissions apply: user nobody when it can run this Python, else root without its
+    file-permission overrides."""
+    for preexec in (as_nobody, without_root_overrides):
+        with tempfile.TemporaryDirectory() as tmp:
+            probe = Path(tmp) / "locked"
+            probe.write_text("x")
+            probe.chmod(0o000)
+            Path(tmp).chmod(0o755)
+            try:
+                ok = subprocess.run([sys.executable, "-c", "import edgesqz"], preexec_fn=preexec,
+                                    capture_output=True, timeout=60).returncode == 0
+                denied = subprocess.run([sys.executable, "-c", f"open({str(probe)!r}).read()"], preexec_fn=preexec,
+                                        capture_output=True, timeout=60).returncode != 0
+            except OSError:
+                continue
+            if ok and denied:
+                return preexec
+    pytest.skip("cannot make file permissions apply here (neither user nobody nor dropping root's overrides works)")
+
+
 def test_unreadable_and_read_only_folders(int8_model: Path, photos_dir: Path) -> None:
-    try:
-        subprocess.run([sys.executable, "-c", "import edgesqz"], preexec_fn=as_nobody, check=True,
-                       capture_output=True, timeout=60)
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("running as root, and user nobody cannot run this Python (it lives in a private folder); "
-                    "test_device_validate covers the messages in-process")
+    user = _as_a_user()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         root.chmod(0o755)
@@ -554,15 +582,45 @@ def test_unreadable_and_read_only_folders(int8_model: Path, photos_dir: Path) ->
         read_only = root / "ro"
         read_only.mkdir()
         read_only.chmod(0o555)
+        locked_model = root / "locked.tflite"
+        locked_model.write_bytes(int8_model.read_bytes())
+        locked_model.chmod(0o000)
+        locked_labels = root / "locked.txt"
+        locked_labels.write_text("tench\n")
+        locked_labels.chmod(0o000)
+        locked_image = root / "locked.png"
+        locked_image.write_bytes((photos_dir / "coffee.png").read_bytes())
+        locked_image.chmod(0o000)
+        photo = photos_dir / "coffee.png"
         env = {"HOME": tmp, "EDGESQZ_HOME": tmp}
         try:
-            one_error(run("classify", "--model", model, locked, preexec=as_nobody, env=env),
-                      "cannot read folder", "permission")
-            p = run("bench", model, "--runs", 2, "--json", read_only / "b.json", preexec=as_nobody, env=env)
+            one_error(run("classify", "--model", model, locked, preexec=user, env=env),
+                      "cannot read folder", "ermission")
+            one_error(run("classify", "--model", model, locked_image, preexec=user, env=env),
+                      "cannot read image", "ermission")
+            for command in (["classify", "--model", locked_model, photo], ["run", "--model", locked_model,
+                                                                             "--source", photo]):
+                one_error(run(*command, preexec=user, env=env), "cannot read model", "ermission")
+            one_error(run("classify", "--model", model, "--labels", locked_labels, photo, preexec=user, env=env),
+                      "cannot read labels file", "ermission")
+            p = run("bench", model, "--runs", 2, "--json", read_only / "b.json", preexec=user, env=env)
             one_error(p, "cannot write to", "permission denied")
-            one_error(run("run", "--model", model, "--source", photos_dir / "coffee.png", "-o", read_only / "x.jsonl",
-                          preexec=as_nobody, env=env), "permission denied")
+            one_error(run("run", "--model", model, "--source", photo, "-o", read_only / "x.jsonl",
+                          preexec=user, env=env), "permission denied")
         finally:
             locked.chmod(0o755)
             read_only.chmod(0o755)
         assert os.listdir(read_only) == []
+
+
+def test_usage_errors_are_one_line(int8_model: Path, photos_dir: Path) -> None:
+    """A missing argument or option, an unknown option, a value of the wrong type: one line naming the help."""
+    for args, needle in ((["classify"], "Missing argument"),
+                         (["compare", int8_model, int8_model], "Missing option '--data'"),
+                         (["classify", "--bogus", photos_dir], "No such option: --bogus"),
+                         (["run", "--threads", "abc"], "'--threads'"),
+                         (["nosuch"], "No such command 'nosuch'")):
+        p = run(*args)
+        line = one_error(p, needle)
+        assert p.returncode == 2 and "--help" in line, line
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr

@@ -179,6 +179,7 @@ def main() -> None:
 
     from edgesqz.converters import quantize as q
     from edgesqz.converters.export import pixel_model, representative_dataset, to_tflite
+    from edgesqz.converters.standard_head import add_probability_head
     from edgesqz.converters.torch_import import keras_to_state_dict, load_state_dict, state_dict_to_keras
     from edgesqz.squeezenet import SqueezeNet
 
@@ -192,10 +193,18 @@ def main() -> None:
     results: dict[str, list[dict[str, float]]] = {}
     models: dict[str, bytes] = {}
 
-    def evaluate(name: str, m: keras.Model, calib: np.ndarray, fmt: str = "int8") -> None:
+    def evaluate(name: str, m: keras.Model, calib: np.ndarray, fmt: str = "int8") -> bytes:
         rep = representative_dataset(calib) if fmt == "int8" else None
         with contextlib.redirect_stdout(io.StringIO()):
             data = to_tflite(m, fmt, representative=rep)  # type: ignore[arg-type]
+        got = metrics(reference, run_tflite(data, held), targets)
+        got["bytes"] = len(data)
+        results.setdefault(name, []).append(got)
+        models.setdefault(name, data)
+        print(row(name, got, len(data)), flush=True)
+        return data
+
+    def evaluate_bytes(name: str, data: bytes) -> None:
         got = metrics(reference, run_tflite(data, held), targets)
         got["bytes"] = len(data)
         results.setdefault(name, []).append(got)
@@ -212,7 +221,10 @@ def main() -> None:
         evaluate("int8 + class map", q.class_map_model(pm), calib)
         evaluate("int8 + equalize(act.)", eq, calib)
         evaluate("int8 + GPTQ", q.round_weights(pm, calib), calib)
-        evaluate("int8 --ptq best (eq + GPTQ + class map)", q.prepare_int8(pm, calib), calib)
+        best = evaluate("int8 --ptq best (eq + GPTQ + class map)", q.prepare_int8(pm, calib), calib)
+        # what `edgesqz convert --int8 --ptq best` writes: uint8 pixels in, float32 probabilities out
+        evaluate_bytes("convert's default model (--ptq best, standard head)",
+                       add_probability_head(best))
 
     print(f"\nmean over seeds {args.seeds}:\n{HEADER}")
     for name, rows in results.items():
@@ -220,7 +232,8 @@ def main() -> None:
         print(row(name, mean, int(mean["bytes"])))
     flags = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx512_vnni", "avx_vnni", "avx2"})
     timing = {f"{n} thread{'s' if n > 1 else ''}": latency(
-        {"float32": models["float32"], "int8 best": models["int8 --ptq best (eq + GPTQ + class map)"]}, n)
+        {"float32": models["float32"], "int8 best": models["convert's default model (--ptq best, standard head)"]},
+        n)
         for n in (1, 2)}
     print(f"\nlatency (median ms, interleaved; {platform.processor() or platform.machine()}, CPU flags {flags}):")
     for k, v in timing.items():

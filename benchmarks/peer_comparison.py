@@ -151,13 +151,14 @@ def _runners(work: Path, threads: int) -> dict[str, Any]:
         inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
 
         def tflite(img: np.ndarray, interp: Any = interp, inp: Any = inp, out: Any = out) -> np.ndarray:
-            x = (img ^ 0x80).view(np.int8) if inp["dtype"] == np.int8 else img.astype(np.float32)
+            # edgesqz 0.x's int8 input is pixel - 128; the standard contract: uint8 (int8 models) or float32 pixels
+            x = (img ^ 0x80).view(np.int8) if inp["dtype"] == np.int8 else img.astype(inp["dtype"])
             interp.set_tensor(inp["index"], x[None])
             interp.invoke()
             y = interp.get_tensor(out["index"])[0]
             scale, zero = out["quantization"]
             y = (y.astype(np.float32) - zero) * scale if scale else y
-            return y.mean(axis=(0, 1)) if y.ndim == 3 else y  # edgesqz int8 outputs the class map
+            return y.mean(axis=(0, 1)) if y.ndim == 3 else y  # edgesqz 0.x's int8 model: the class map
 
         run[name] = tflite
     return run
@@ -193,7 +194,9 @@ def worker(work: Path, threads: int, runs: int, warmup: int, accuracy: bool) -> 
 def machine() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return f"{cpu}, {os.cpu_count()} cores, {platform.machine()}, Python {platform.python_version()}"
+    flags = sorted(set(Path("/proc/cpuinfo").read_text().split()) & {"avx512_vnni", "avx_vnni", "avx2"})
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.machine()}, CPU flags {' '.join(flags) or 'none'} "
+            f"(int8 speed depends on VNNI), Python {platform.python_version()}")
 
 
 def markdown(results: dict[int, dict[str, Any]], meta: dict[str, Any]) -> str:

@@ -27,8 +27,6 @@ import json
 import os
 import platform
 import re
-import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +39,12 @@ from typing import Any
 
 import cv2
 import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mqtt_broker import Broker, Subscriber
+from serve_viewers import proc_memory
 
 MODES = ("off", "events", "events+clips")
 SCENES = ("coffee.png", "rocket.jpg", "chelsea.png", "rocket.jpg")
@@ -71,52 +75,6 @@ def write_video(path: Path, seconds: float) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Broker:
-    def __init__(self, folder: Path) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(binary).exists():
-            raise SystemExit("needs the Mosquitto broker: apt-get install mosquitto")
-        self.port = free_port()
-        conf = folder / "mosquitto.conf"
-        user = "user root\n" if os.geteuid() == 0 else ""
-        conf.write_text(f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n{user}")
-        self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(200):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
-            time.sleep(0.02)
-        raise SystemExit("mosquitto did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-
-
-class Subscriber:
-    """Receives ``PREFIX/+/event`` and notes when each message arrived."""
-
-    def __init__(self, port: int) -> None:
-        import paho.mqtt.client as mqtt
-
-        self.received: list[tuple[float, dict]] = []
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"bench-{free_port()}")
-        self.client.on_message = lambda c, u, m: self.received.append((time.time(), json.loads(m.payload)))
-        self.client.connect("127.0.0.1", port)
-        self.client.subscribe("bench/+/event", qos=1)
-        self.client.loop_start()
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 class Hooks(ThreadingHTTPServer):
     daemon_threads = True
 
@@ -138,15 +96,6 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
-def _peak_rss(pid: int) -> int:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    line = next((x for x in text.splitlines() if x.startswith("VmHWM:")), "VmHWM: 0 kB")
-    return int(line.split()[1]) * 1024
-
-
 def one_run(model: Path, video: Path, mode: str, threads: int, broker: Broker, sub: Subscriber, hooks: Hooks,
             tmp: Path) -> dict[str, Any]:
     out = tmp / f"{mode}-{time.monotonic_ns()}.jsonl"
@@ -159,7 +108,7 @@ def one_run(model: Path, video: Path, mode: str, threads: int, broker: Broker, s
     if mode == "events+clips":
         media = tmp / f"media-{time.monotonic_ns()}"
         cmd += ["--snapshot-dir", str(media), "--clip-dir", str(media), "--preroll", "3"]
-    sub.received.clear()
+    sub.clear()
     hooks.received.clear()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     lines: list[str] = []
@@ -167,7 +116,7 @@ def one_run(model: Path, video: Path, mode: str, threads: int, broker: Broker, s
     drain.start()
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, _peak_rss(proc.pid))
+        peak = max(peak, proc_memory(proc.pid))
         time.sleep(0.1)
     drain.join(5)
     if proc.returncode != 0:
@@ -176,12 +125,12 @@ def one_run(model: Path, video: Path, mode: str, threads: int, broker: Broker, s
     summary = objs[-1]
     events = [o for o in objs if o["kind"] == "event"]
     time.sleep(0.5)  # the last messages
-    mqtt_ms = [(t - r["timestamp"]) * 1e3 for t, r in sub.received]
+    mqtt_ms = [(m.received - m.json()["timestamp"]) * 1e3 for m in sub.messages]
     hook_ms = [(t - r["timestamp"]) * 1e3 for t, r in hooks.received]
     ring = next((line for line in lines if "pre-roll ring held at most" in line), "")
     ring_mb = float(ring.split(" frames, ")[1].split(" MB")[0]) if ring else None
-    if mode != "off" and len(sub.received) != len(events):
-        raise SystemExit(f"{mode}: {len(events)} events but {len(sub.received)} MQTT messages")
+    if mode != "off" and len(sub.messages) != len(events):
+        raise SystemExit(f"{mode}: {len(events)} events but {len(sub.messages)} MQTT messages")
     return {"mode": mode, "fps": summary["fps_mean"], "frames": summary["frames"], "dropped": summary["dropped"],
             "end_to_end_p50_ms": summary["latency_ms"]["end_to_end"]["p50"],
             "end_to_end_p90_ms": summary["latency_ms"]["end_to_end"]["p90"],
@@ -216,8 +165,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         video = write_video(tmp / "events.mp4", args.seconds)
-        broker = Broker(tmp)
-        sub = Subscriber(broker.port)
+        try:
+            broker = Broker(tmp).start()
+        except pytest.skip.Exception as exc:  # mosquitto is not installed
+            raise SystemExit(str(exc)) from None
+        sub = Subscriber(broker.port, topics=("bench/+/event",))
         hooks = Hooks()
         threading.Thread(target=hooks.serve_forever, daemon=True).start()
         print(f"model {args.model.name}; 640x480 video played at 30 fps for {args.seconds:g} s; {os.cpu_count()} CPUs "

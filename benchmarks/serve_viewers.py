@@ -98,13 +98,14 @@ class Viewer(threading.Thread):
             self.sock.close()
 
 
-def _peak_rss(pid: int) -> int:
-    """The process' peak resident memory so far (VmHWM), in bytes; 0 once it is gone."""
+def proc_memory(pid: int, field: str = "VmHWM") -> int:
+    """A process' memory from /proc/PID/status in bytes (VmHWM: peak resident so far, VmRSS: now); 0 once it
+    is gone."""
     try:
         text = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0
-    line = next((x for x in text.splitlines() if x.startswith("VmHWM:")), "VmHWM: 0 kB")
+    line = next((x for x in text.splitlines() if x.startswith(f"{field}:")), f"{field}: 0 kB")
     return int(line.split()[1]) * 1024
 
 
@@ -132,7 +133,7 @@ def one_run(model: Path, video: Path, mode: str, viewers: int, seconds: float, t
         drain.start()
         peak = 0
         while proc.poll() is None:
-            peak = max(peak, _peak_rss(proc.pid))
+            peak = max(peak, proc_memory(proc.pid))
             time.sleep(0.25)
         proc.wait()
         drain.join(5)

@@ -35,18 +35,9 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serve_viewers import Viewer, _serving_port, write_video
+from serve_viewers import Viewer, _serving_port, proc_memory, write_video
 
 MAX_RSS_GROWTH = 0.05
-
-
-def _rss_mb(pid: int) -> float:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0.0
-    line = next((x for x in text.splitlines() if x.startswith("VmRSS:")), "VmRSS: 0 kB")
-    return int(line.split()[1]) / 1024
 
 
 class Lines(threading.Thread):
@@ -146,7 +137,8 @@ def main() -> None:
             frames, e2e, inference = lines.take()
             status = _status(port)
             parts = viewer.parts
-            row = {"minute": round(k * args.interval / 60, 2), "rss_mb": round(_rss_mb(proc.pid), 1),
+            rss_mb = round(proc_memory(proc.pid, "VmRSS") / 2**20, 1)
+            row = {"minute": round(k * args.interval / 60, 2), "rss_mb": rss_mb,
                    "fps": round(frames / args.interval, 2), "end_to_end_p50_ms": _p(e2e, 50),
                    "end_to_end_p90_ms": _p(e2e, 90), "inference_p50_ms": _p(inference, 50),
                    "viewer_fps": round((parts - seen_parts) / args.interval, 2), "dropped_total": status["dropped"],

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import threading
 from pathlib import Path
-from typing import IO
 
 import cv2
 import numpy as np
+from serve_client import ServeRun
 
 # With the int8 SqueezeNet 1.1: coffee.png is "espresso", chelsea.png one of the three cats,
 # rocket.jpg neither (mostly "pole"): the background between appearances.
@@ -42,28 +39,12 @@ def events_of(objs: list[dict]) -> list[dict]:
     return [o for o in objs if o["kind"] == "event"]
 
 
-class Run:
-    """``edgesqz run ...`` in a subprocess, stderr collected in a thread (``lines``)."""
-
-    def __init__(self, cli: list[str], *args: object) -> None:
-        self.proc = subprocess.Popen([sys.executable, *cli, "run", *map(str, args)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, args=(self.proc.stderr,), daemon=True)
-        self._reader.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.append(line.rstrip("\n"))
-
-    @property
-    def stderr(self) -> str:
-        return "\n".join(self.lines)
+class Run(ServeRun):
+    """``edgesqz run ...`` in a subprocess, stderr collected in a thread (``lines``); no ``--serve`` needed."""
 
     def wait(self, timeout: float = 120) -> int:
-        code = self.proc.wait(timeout)
-        self._reader.join(5)
-        return code
+        """The exit status once it ends by itself (killed if it has not after ``timeout``)."""
+        return self.stop(None, timeout)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

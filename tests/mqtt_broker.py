@@ -112,6 +112,10 @@ class Subscriber:
         with self._lock:
             self.messages.append(Message(message.topic, bytes(message.payload), bool(message.retain), time.time()))
 
+    def clear(self) -> None:
+        with self._lock:
+            self.messages.clear()
+
     def on(self, topic: str) -> list[Message]:
         with self._lock:
             return [m for m in self.messages if m.topic == topic]

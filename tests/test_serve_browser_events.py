@@ -7,15 +7,13 @@ marked as such. Skips like tests/test_serve_browser.py without chromium (fails i
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from event_helpers import write_scenes
 from serve_client import ServeRun
 from test_device_run import CLI, jsonl
-from test_serve_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, _playwright
+from test_serve_browser import ARTIFACTS, browser  # noqa: F401  (the fixture: headless chromium)
 
 EVENTS = """() => [...document.querySelectorAll('#events li')].map((li) => {
   const img = li.querySelector('img');
@@ -24,16 +22,7 @@ EVENTS = """() => [...document.querySelectorAll('#events li')].map((li) => {
 })"""
 
 
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[Any]:
-    sync_playwright = _playwright()
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
-def test_the_page_lists_events_with_their_snapshots(chromium: Any, int8_model: Path, photos_dir: Path,
+def test_the_page_lists_events_with_their_snapshots(browser: Any, int8_model: Path, photos_dir: Path,  # noqa: F811
                                                     tmp_path: Path) -> None:
     coffee, rocket = photos_dir / "coffee.png", photos_dir / "rocket.jpg"
     video = write_scenes(tmp_path / "v.mp4", [(coffee, 60), (rocket, 75), (coffee, 60), (rocket, 300)])
@@ -41,7 +30,7 @@ def test_the_page_lists_events_with_their_snapshots(chromium: Any, int8_model: P
                    "127.0.0.1:0", "--event", "espresso", "--event-end", 1, output=tmp_path / "run.jsonl")
     try:
         run.wait_serving()
-        page = chromium.new_page(viewport={"width": 1280, "height": 800})
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
         problems: list[str] = []
         page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
         page.on("console", lambda msg: problems.append(msg.text) if msg.type == "error" else None)

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
-from edgesqz.device.models import ORIGINS, ModelChoice, choose_model
+from edgesqz.device.models import ModelChoice, choose_model
 from edgesqz.errors import EdgesqzError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -27,6 +25,7 @@ METADATA_PANEL = "Models without metadata"
 SERVE_PANEL = "Live web preview"
 EVENTS_PANEL = "Events"
 NOTIFY_PANEL = "MQTT and webhooks"
+SITE_PANEL = "Cameras, zones and site file"
 
 
 def _info(message: str) -> None:
@@ -62,46 +61,14 @@ def resolve_model(model: Path | None) -> Path:
     return choose_model(model).path
 
 
-def _floats(value: str | None, name: str) -> list[float] | None:
-    if value is None:
-        return None
-    try:
-        values = [float(v) for v in value.replace(" ", "").split(",") if v]
-    except ValueError:
-        values = []
-    if not values or not all(math.isfinite(v) for v in values):
-        raise EdgesqzError(f"{name} takes one number or three separated by commas, not {value!r}")
-    return values
-
-
 def _classifier(model: Path | ModelChoice | None, *, threads: int | None, delegate: str | None, top_k: int,
                 threshold: float, labels: Path | None, crop_fraction: float | None, color_order: str | None,
                 mean: str | None, std: str | None, output_kind: str | None) -> Any:
-    from edgesqz.device.classifier import Classifier
+    from edgesqz.device.runner import make_classifier
 
-    choice = model if isinstance(model, ModelChoice) else choose_model(model)
-    classifier = Classifier(choice.path, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
-                            labels=labels, crop_fraction=crop_fraction, color_order=color_order,
-                            mean=_floats(mean, "--mean"), std=_floats(std, "--std"), output_kind=output_kind)
-    _info(f"model: {classifier.describe_model()}" + ("" if choice.origin == "option" else
-                                                      f"; {ORIGINS[choice.origin]}"))
-    _info(f"runtime: {classifier.describe_runtime()}")
-    return classifier
-
-
-def _serve_sink(address: str | None, token: str | None, max_viewers: int | None) -> Any:
-    """The ``--serve`` sink, its socket already bound (so a bad address or a busy port fails first), or None."""
-    if address is None:
-        for name, value in (("--token", token), ("--max-viewers", max_viewers)):
-            if value is not None:
-                raise EdgesqzError(f"{name} needs --serve [HOST:]PORT")
-        return None
-    from edgesqz.device.serve import DEFAULT_MAX_VIEWERS, ServeSink
-
-    viewers = DEFAULT_MAX_VIEWERS if max_viewers is None else max_viewers
-    sink = ServeSink(address, token=token, max_viewers=viewers)
-    _info(f"serving: {sink.url} (stream /stream.mjpg, events /events, status /status; {viewers} viewers at most)")
-    return sink
+    return make_classifier(model, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold, labels=labels,
+                           crop_fraction=crop_fraction, color_order=color_order, mean=mean, std=std,
+                           output_kind=output_kind, info=_info)
 
 
 # Options shared by run and classify for models without metadata.
@@ -132,20 +99,38 @@ TopKOpt = Annotated[int, typer.Option("--top-k", "-k", help="How many classes to
 @_errors_as_one_line
 def run(
     model: ModelOpt = None,
-    camera: Annotated[str | None, typer.Option(
-        "--camera", help="Camera index (OpenCV/V4L2 USB camera) or 'picamera2' (Raspberry Pi camera module); "
-                         "camera 0 when there is no --source.")] = None,
-    source: Annotated[str | None, typer.Option(
-        "--source", help="Video file, RTSP/HTTP stream URL, image file or folder of images.")] = None,
+    camera: Annotated[list[str] | None, typer.Option(
+        "--camera", metavar="[NAME=]N|picamera2:N|v4l2:N", rich_help_panel=SITE_PANEL,
+        help="A camera (repeatable): N is the Raspberry Pi camera module N when Picamera2 sees one (libcamera), "
+             "else the USB camera /dev/videoN; picamera2:N or v4l2:N force one. Camera 0 when there is no "
+             "--source.")] = None,
+    source: Annotated[list[str] | None, typer.Option(
+        "--source", metavar="[NAME=]PATH_OR_URL", rich_help_panel=SITE_PANEL,
+        help="Video file, RTSP/HTTP stream URL, image file or folder of images (repeatable: several cameras in "
+             "one process).")] = None,
+    zone: Annotated[list[str] | None, typer.Option(
+        "--zone", metavar="[CAMERA/]NAME=X,Y,W,H", rich_help_panel=SITE_PANEL,
+        help="Classify this rectangle of the frame on its own (repeatable): fractions of the frame (0..1), or "
+             "pixels with px (64px,48px,224px,224px). Without --zone, the whole frame.")] = None,
+    motion_gate: Annotated[float | None, typer.Option(
+        "--motion-gate", metavar="SECONDS", rich_help_panel=SITE_PANEL,
+        help="Classify a zone only when something moved in it, and at least every SECONDS (motion gating).")] = None,
+    config: Annotated[Path | None, typer.Option(
+        "--config", rich_help_panel=SITE_PANEL, readable=False,
+        help="A site file (TOML, docs/site.md): cameras, zones, model, events, MQTT, ...; flags override it.")] = None,
+    print_config: Annotated[bool, typer.Option(
+        "--print-config", rich_help_panel=SITE_PANEL,
+        help="Print the effective configuration (site file + flags) as TOML and exit.")] = False,
     width: Annotated[int | None, typer.Option("--width", help="Requested camera frame width.")] = None,
     height: Annotated[int | None, typer.Option("--height", help="Requested camera frame height.")] = None,
     fps: Annotated[float | None, typer.Option(
         "--fps", help="Requested camera frame rate; with a video file, play it live at this rate.")] = None,
     threads: ThreadsOpt = None,
     delegate: DelegateOpt = None,
-    top_k: TopKOpt = 5,
-    threshold: Annotated[float, typer.Option(
-        "--threshold", help="Leave out classes scoring below this probability.")] = 0.0,
+    top_k: Annotated[int | None, typer.Option("--top-k", "-k", help="How many classes to report per frame "
+                                                                       "(and zone; default 5).")] = None,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", help="Leave out classes scoring below this probability (per zone; default 0).")] = None,
     max_frames: Annotated[int | None, typer.Option("--max-frames", help="Stop after this many frames.")] = None,
     duration: Annotated[float | None, typer.Option("--duration", help="Stop after this many seconds.")] = None,
     json_lines: Annotated[bool, typer.Option(
@@ -157,10 +142,10 @@ def run(
                          "ends.")] = None,
     force: Annotated[bool, typer.Option(
         "--force", help="Replace existing --output / --record files.")] = False,
-    reconnect: Annotated[str, typer.Option(
+    reconnect: Annotated[str | None, typer.Option(
         "--reconnect", metavar="N|TIME|forever",
         help="When a camera or stream disappears, reopen it with back-off: N times (0: never), for a time "
-             "(90s, 10m, 2h) or forever.")] = "5",
+             "(90s, 10m, 2h) or forever (default 5).")] = None,
     loop: Annotated[bool, typer.Option(
         "--loop", help="Play a video file again and again (with --fps: an endless camera rehearsal).")] = False,
     no_display: Annotated[bool, typer.Option(
@@ -225,86 +210,31 @@ def run(
         help="POST each event start and end as JSON to this URL (repeatable); retried with back-off, in the "
              "background.")] = None,
 ) -> None:
-    """Classify frames from a camera, a video, a stream or images in real time."""
-    from edgesqz.device.pipeline import Pipeline
-    from edgesqz.device.sinks import (
-        ConsoleSink,
-        JsonLinesSink,
-        Sink,
-        VideoRecordSink,
-        WindowSink,
-        display_status,
-    )
-    from edgesqz.device.sources import open_source, parse_reconnect
-    from edgesqz.fileio import check_distinct, check_output
+    """Classify frames from cameras, videos, streams or images in real time (whole frames or zones)."""
+    from edgesqz.device.config import dumps_toml, from_flags, load_config
+    from edgesqz.device.runner import run_site
+    from edgesqz.device.sources import parse_reconnect
 
-    retry = parse_reconnect(reconnect)
-    choice = choose_model(model)
-    # Outputs are checked before anything is opened: never an input, never an existing file without --force.
-    inputs = [("--model", choice.path), ("--source", source), ("--labels", labels)]
-    check_distinct([("--output", output), ("--record", record)])
-    sinks: list[Sink] = []
-    if record is not None:
-        sinks.append(VideoRecordSink(record, force=force, inputs=inputs))
-    if output is not None:
-        output = check_output(output, force=force, what="--output", option="--output", inputs=inputs,
-                              create_parents=False)
-    with contextlib.ExitStack() as undo:  # closes what was opened when setting up fails; then the pipeline does
-        server = _serve_sink(serve, token, max_viewers)
-        if server is not None:
-            undo.callback(server.close)
-        frame_source = open_source(camera=camera, source=source, width=width, height=height, fps=fps, retry=retry,
-                                   loop=loop)
-        frame_source.open()  # a missing camera or an unreadable video fails here, before the model loads
-        undo.callback(frame_source.close)
-        classifier = _classifier(choice, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
-                                 labels=labels, crop_fraction=crop_fraction, color_order=color_order, mean=mean,
-                                 std=std, output_kind=output_kind)
-        window = False
-        if not no_display:
-            window, why = display_status()
-            _info(f"display: {why}" if window else f"display: none, running headless ({why})")
-        if window:
-            sinks.append(WindowSink())
-        if json_lines:
-            sinks.append(JsonLinesSink(sys.stdout))
-        if output is not None:
-            sinks.append(JsonLinesSink(output, force=force))
-        if server is not None:
-            sinks.append(server)
-        elif not json_lines and not window:
-            sinks.append(ConsoleSink())
-        from edgesqz.device.eventsink import event_sink
-
-        events = event_sink(event, start_s=event_start, end_s=event_end, snapshot_dir=snapshot_dir,
-                            clip_dir=clip_dir, preroll_s=preroll, keep=keep, max_disk_mb=max_disk, mqtt=mqtt,
-                            mqtt_discovery=mqtt_discovery, mqtt_ca=mqtt_ca, webhooks=webhook, device_id=device_id,
-                            classifier=classifier, json_sinks=[s for s in sinks if isinstance(s, JsonLinesSink)],
-                            server=server, info=_info)
-        if events is not None:  # after the JSON sinks: a frame's line comes before the event it starts
-            undo.callback(events.close)
-            sinks.append(events)
-        pipeline = Pipeline(frame_source, classifier, sinks, top_k=top_k, threshold=threshold,
-                            max_frames=max_frames, duration=duration)
-        undo.pop_all()
-    size = frame_source.frame_size
-    details = [f"{size[0]}x{size[1]}" if size else "", f"{frame_source.fps:g} fps" if frame_source.fps else "",
-               "live: newest frame only" if frame_source.live else ""]
-    _info(f"source: {frame_source.description}" + (f" ({', '.join(d for d in details if d)})" if any(details) else ""))
-    if (width or height) and not frame_source.live:
-        _info("note: --width/--height are requests to a camera; files are read at their own size")
-    recorder = next((sink for sink in sinks if isinstance(sink, VideoRecordSink)), None)
-    try:
-        summary = pipeline.run()
-    except EdgesqzError:
-        if pipeline.summary.frames:  # e.g. the camera went away after a while: still say what was done
-            _info(pipeline.summary.describe())
-            if recorder is not None and recorder.saved:
-                _info(f"recorded {record} ({recorder.frames} frames before the error)")
-        raise
-    _info(summary.describe())
-    if recorder is not None:
-        _info(f"recorded {record} ({recorder.frames} frames)" if recorder.saved else "nothing recorded (no frames)")
+    flags: dict[str, Any] = {
+        "model": model, "threads": threads, "delegate": delegate, "top_k": top_k, "threshold": threshold,
+        "labels": labels, "crop_fraction": crop_fraction, "color_order": color_order, "mean": mean, "std": std,
+        "output_kind": output_kind, "max_frames": max_frames, "duration": duration, "json": json_lines or None,
+        "output": output, "record": record, "force": force or None, "reconnect": reconnect,
+        "display": False if no_display else None, "motion_gate": motion_gate, "webhooks": webhook,
+        "serve.address": serve, "serve.token": token, "serve.max_viewers": max_viewers,
+        "events.rules": event, "events.start": event_start, "events.end": event_end,
+        "events.snapshot_dir": snapshot_dir, "events.clip_dir": clip_dir, "events.preroll": preroll,
+        "events.keep": keep, "events.max_disk": max_disk, "mqtt.url": mqtt, "mqtt.discovery": mqtt_discovery,
+        "mqtt.ca": mqtt_ca, "mqtt.device_id": device_id,
+        "camera.width": width, "camera.height": height, "camera.fps": fps, "camera.loop": loop or None,
+    }
+    site = load_config(config) if config is not None else None
+    cfg = from_flags(site, flags, cameras=camera or (), sources=source or (), zones=zone or ())
+    parse_reconnect(cfg.reconnect)
+    if print_config:
+        typer.echo(dumps_toml(cfg), nl=False)
+        return
+    run_site(cfg, info=_info)
 
 
 @_errors_as_one_line

@@ -57,8 +57,8 @@ DEFAULT_PREROLL_S = 3.0
 DEFAULT_KEEP = 100
 DEFAULT_CLIP_MAX_S = 300.0
 DEFAULT_FPS = 30.0
-EVENT_FILE = re.compile(r"^(\d{8}T\d{6}Z-[a-z0-9_]+-[0-9a-f]+-\d+)(\.raw)?\.(jpg|mp4)$")
-STALE_PART = re.compile(r"^\.\d{8}T\d{6}Z-[a-z0-9_]+-[0-9a-f]+-\d+(\.raw)?\..+\.part\.(jpg|mp4)$")
+EVENT_FILE = re.compile(r"^(\d{8}T\d{6}Z-[a-z0-9_]+-[0-9a-f]+-\d+)(\.raw|\.crop)?\.(jpg|mp4)$")
+STALE_PART = re.compile(r"^\.\d{8}T\d{6}Z-[a-z0-9_]+-[0-9a-f]+-\d+(\.raw|\.crop)?\..+\.part\.(jpg|mp4)$")
 STALE_PART_S = 600.0  # a temporary file untouched this long is left over from a crash
 
 
@@ -226,10 +226,15 @@ class MediaWriter(EventOutput):
         if self.clip_dir is not None and event.id in self._started:
             self._started.discard(event.id)
             event.clip = str(self.clip_dir / f"{event.id}.mp4")
+        rect = None
         if self.snapshot_dir is not None and best is not None:
             event.snapshot = {"annotated": str(self.snapshot_dir / f"{event.id}.jpg"),
                               "raw": str(self.snapshot_dir / f"{event.id}.raw.jpg")}
-        self._mailbox.put("end", (event.id, best, event.clip is not None, event.snapshot is not None))
+            if event.zone is not None and best.zones:  # a zone's event: the zone's own crop too
+                rect = next((z.rect for z in best.zones if z.name == event.zone), None)
+                if rect is not None:
+                    event.snapshot["crop"] = str(self.snapshot_dir / f"{event.id}.crop.jpg")
+        self._mailbox.put("end", (event.id, best, event.clip is not None, event.snapshot is not None, rect))
 
     def close(self) -> None:
         if self._thread is not None:
@@ -313,24 +318,29 @@ class MediaWriter(EventOutput):
                 raise EdgesqzError(f"clip {clip.path} not written: {message}") from None
             self.written.append(clip.path)
 
-    def _on_end(self, event_id: str, best: Result | None, clip: bool, snapshot: bool) -> None:
+    def _on_end(self, event_id: str, best: Result | None, clip: bool, snapshot: bool,
+                rect: tuple[int, int, int, int] | None = None) -> None:
         try:
             if clip:
                 self._finish_clip(event_id)
             if snapshot and best is not None and self.snapshot_dir is not None:
-                self._snapshot(event_id, best)
+                self._snapshot(event_id, best, rect)
         finally:
             self._prune()
 
-    def _snapshot(self, event_id: str, best: Result) -> None:
+    def _snapshot(self, event_id: str, best: Result, rect: tuple[int, int, int, int] | None = None) -> None:
         assert self.snapshot_dir is not None
         if not self._room(self.snapshot_dir, f"snapshot {event_id}.jpg"):
             return
         image = best.frame.image
         if image.ndim == 3 and image.shape[2] == 4:
             image = cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
-        for path, picture in ((self.snapshot_dir / f"{event_id}.jpg", annotate(image, best)),
-                              (self.snapshot_dir / f"{event_id}.raw.jpg", image)):
+        pictures = [(self.snapshot_dir / f"{event_id}.jpg", annotate(image, best)),
+                    (self.snapshot_dir / f"{event_id}.raw.jpg", image)]
+        if rect is not None:
+            x, y, w, h = rect
+            pictures.append((self.snapshot_dir / f"{event_id}.crop.jpg", image[y:y + h, x:x + w]))
+        for path, picture in pictures:
             ok, buf = cv2.imencode(".jpg", picture, self.jpeg_params)
             if not ok:
                 self._fail(f"cannot encode snapshot {path}")

@@ -48,7 +48,9 @@ from edgesqz.schema import record
 DEFAULT_START_S = 0.5
 DEFAULT_END_S = 2.0
 DEFAULT_GAP_S = 0.25
-EVENT_GRAMMAR = "[NAME=]LABEL[,LABEL...][>=SCORE], e.g. 'espresso', 'cat=tabby,tiger cat,Egyptian cat>=0.5'"
+EVENT_GRAMMAR = ("[NAME=][ZONE:]LABEL[,LABEL...][>=SCORE], e.g. 'espresso', 'cat=tabby,tiger cat,Egyptian cat>=0.5', "
+                 "'door_open=door:open'")
+_ZONE_REF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}(/[A-Za-z0-9][A-Za-z0-9_-]{0,31})?$")
 _NAME_OK = re.compile(r"^[^\s/#+=,][^/#+=,]*$")
 
 
@@ -72,6 +74,7 @@ class EventRule:
     labels: tuple[str, ...]
     min_score: float | None = None
     name: str = ""
+    zone: str | None = None  # [CAMERA/]ZONE, or a camera's name: the rule watches only there
 
     def __post_init__(self) -> None:
         if not self.labels:
@@ -101,15 +104,29 @@ class EventRule:
             if not name or not _NAME_OK.match(name):
                 raise EdgesqzError(f"--event {text!r}: the name before '=' must be a word without / # + = , "
                                    f"({EVENT_GRAMMAR})")
+        zone = None
+        head, colon, rest = spec.partition(":")
+        if colon and _ZONE_REF.match(head.strip()):
+            zone, spec = head.strip(), rest
         labels = tuple(part.strip() for part in spec.split(",") if part.strip())
         if not labels:
             raise EdgesqzError(f"--event {text!r}: no label given; write {EVENT_GRAMMAR}")
-        return cls(labels=labels, min_score=score, name=name)
+        return cls(labels=labels, min_score=score, name=name or (f"{zone.replace('/', '_')}_{','.join(labels)}"
+                                                                  if zone else ""), zone=zone)
+
+    def watches(self, camera: str | None, zone: str | None) -> bool:
+        """Whether the rule applies to this camera's zone (zone None: the camera's whole frame)."""
+        if self.zone is None:
+            return True
+        if "/" in self.zone:
+            return self.zone == f"{camera}/{zone}"
+        return self.zone == zone or (zone is None and self.zone == camera)
 
     def describe(self) -> str:
         when = f"score >= {self.min_score:g}" if self.min_score is not None else "top-1"
         group = "" if self.labels == (self.name,) else f" ({', '.join(self.labels)})"
-        return f"{self.name}{group} when {when}"
+        where = f" in zone {self.zone}" if self.zone else ""
+        return f"{self.name}{group}{where} when {when}"
 
 
 def _parse_score(text: str, whole: str) -> float:
@@ -173,6 +190,8 @@ class Event:
     snapshot: dict[str, str] | None = None  # {"annotated": path, "raw": path}, set by the snapshot writer
     clip: str | None = None  # set by the clip writer
     extra: dict[str, Any] = field(default_factory=dict)
+    camera: str | None = None  # runs with several cameras or zones: where it happened
+    zone: str | None = None
 
     @property
     def name(self) -> str:
@@ -222,6 +241,8 @@ class Event:
             reason=self.reason,
             snapshot=self.snapshot,
             clip=self.clip,
+            **({"camera": self.camera} if self.camera is not None else {}),
+            **({"zone": self.zone} if self.zone is not None else {}),
         )
 
 
@@ -244,7 +265,8 @@ class EventDetector:
 
     def __init__(self, rules: list[EventRule] | tuple[EventRule, ...], labels: list[str] | None, classes: int, *,
                  start_s: float = DEFAULT_START_S, end_s: float = DEFAULT_END_S, gap_s: float | None = None,
-                 run_id: str | None = None) -> None:
+                 run_id: str | None = None, scope: tuple[str | None, str | None] = (None, None),
+                 counter: Any = None) -> None:
         for value, option in ((start_s, "--event-start"), (end_s, "--event-end")):
             if not (math.isfinite(value) and value >= 0):
                 raise EdgesqzError(f"{option} must be a number of seconds >= 0, got {value}")
@@ -263,6 +285,8 @@ class EventDetector:
         self._tracks = [_Track(rule, np.asarray(resolve_indices(rule, labels, classes), dtype=np.intp))
                         for rule in rules]
         self._count = 0
+        self.scope = scope
+        self._counter = counter  # shared by the detectors of one run (one per zone): ids stay unique
 
     @property
     def rules(self) -> list[EventRule]:
@@ -281,9 +305,12 @@ class EventDetector:
         return self.labels[index] if self.labels is not None else str(index)
 
     def _new_id(self, event: Event) -> str:
-        self._count += 1
+        self._count = next(self._counter) if self._counter is not None else self._count + 1
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(event.start))
-        return f"{stamp}-{event.rule.slug}-{self.run_id}-{self._count}"
+        camera, zone = self.scope
+        where = "_".join(slug(p) for p in (camera, zone) if p)
+        what = f"{where}_{event.rule.slug}" if where else event.rule.slug
+        return f"{stamp}-{what}-{self.run_id}-{self._count}"
 
     def update(self, timestamp: float, scores: np.ndarray, frame: int) -> list[Event]:
         """Feed one frame (its capture time in seconds, its class probabilities, its index)."""
@@ -299,7 +326,8 @@ class EventDetector:
             if present:
                 track.absent_since = None
                 if event is None:
-                    event = track.event = Event(rule=rule, start=timestamp, first_frame=frame)
+                    event = track.event = Event(rule=rule, start=timestamp, first_frame=frame, camera=self.scope[0],
+                                                zone=self.scope[1])
                 event.add(timestamp, frame, score, self._label(int(track.indices[int(np.argmax(group))])))
                 if event.state == "pending" and timestamp - event.start >= self.start_s:
                     event.state, event.timestamp = "active", timestamp

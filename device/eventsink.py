@@ -61,6 +61,8 @@ class EventOutput:
     last event; may wait a little to deliver what is queued).
     """
 
+    camera: str | None = None  # set: this output only gets that camera's frames and events
+
     def open(self, sink: EventSink) -> None:
         pass
 
@@ -91,7 +93,10 @@ class EventSink(Sink):
         self.outputs = list(outputs)
         self.start_s, self.end_s = start_s, end_s
         self.device = device or default_device_id()
-        self.detector: EventDetector | None = None
+        self.detector: EventDetector | None = None  # the first scope's (a run without zones has one)
+        self.detectors: dict[tuple[str | None, str | None], EventDetector] = {}
+        self.scopes: list[tuple[str | None, str | None]] = [(None, None)]
+        self.cameras: list[Any] = []  # the pipeline's CameraRun objects
         self.source: str | None = None
         self.model: str | None = None
         self.fps: float | None = None
@@ -101,17 +106,57 @@ class EventSink(Sink):
         self._opened: list[EventOutput] = []
         self._closed = False
 
-    def bind(self, labels: list[str] | None, classes: int) -> EventDetector:
-        """Resolve the rules against the model's labels (errors name the labels that do not exist)."""
-        self.detector = EventDetector(self.rules, labels, classes, start_s=self.start_s, end_s=self.end_s)
+    def bind(self, labels: list[str] | None, classes: int,
+             scopes: Sequence[tuple[str | None, str | None]] | None = None) -> EventDetector:
+        """Resolve the rules against the model's labels (errors name the labels that do not exist) and the
+        run's zones: ``scopes`` are (camera, zone) pairs, zone None for a camera's whole frame; default one
+        scope, (None, None), for a run of one camera without zones."""
+        import itertools
+        import secrets
+
+        self.scopes = list(scopes) if scopes else [(None, None)]
+        zoned = self.scopes != [(None, None)]
+        for rule in self.rules:
+            if rule.zone is not None and not any(rule.watches(c, z) for c, z in self.scopes):
+                known = sorted({f"{c}/{z}" if z else str(c) for c, z in self.scopes if c} |
+                               {z for _, z in self.scopes if z})
+                where = f"zones and cameras: {', '.join(known)}" if known else "this run has no zones"
+                raise EdgesqzError(f"--event {rule.name}: no zone or camera called {rule.zone!r} ({where})")
+        EventDetector(self.rules, labels, classes, start_s=self.start_s, end_s=self.end_s)  # checks every rule
+        counter, run_id = itertools.count(1), secrets.token_hex(2)
+        self.detectors = {}
+        for camera, zone in self.scopes:
+            rules = [r for r in self.rules if r.watches(camera, zone)] if zoned else self.rules
+            if rules:
+                self.detectors[(camera, zone)] = EventDetector(
+                    rules, labels, classes, start_s=self.start_s, end_s=self.end_s, run_id=run_id,
+                    scope=(camera, zone), counter=counter)
+        self.detector = next(iter(self.detectors.values()), None) or EventDetector(
+            [], labels, classes, start_s=self.start_s, end_s=self.end_s)
         return self.detector
+
+    def bind_pipeline(self, pipeline: Pipeline) -> None:
+        """Bind to the pipeline's cameras and zones now (a rule for a zone that does not exist fails here)."""
+        scopes = None
+        if getattr(pipeline, "multi", False):
+            scopes = [(c.name, z.name) for c in pipeline.cameras for z in c.zones] + \
+                     [(c.name, None) for c in pipeline.cameras if not c.zones]
+        self.bind(pipeline.classifier.labels, pipeline.classifier.num_classes, scopes)
+        self._bound = True
+
+    _bound = False
+
+    def scope_rules(self, camera: str | None, zone: str | None) -> list[EventRule]:
+        det = self.detectors.get((camera, zone))
+        return det.rules if det is not None else []
 
     # -- Sink
 
     def open(self, pipeline: Pipeline | None = None) -> None:
         if pipeline is not None:
-            if self.detector is None:
-                self.bind(pipeline.classifier.labels, pipeline.classifier.num_classes)
+            self.cameras = list(getattr(pipeline, "cameras", []))
+            if not self._bound:
+                self.bind_pipeline(pipeline)
             self.source = pipeline.source.description
             self.model = pipeline.classifier.name
             self.fps = pipeline.source.fps
@@ -123,13 +168,21 @@ class EventSink(Sink):
 
     def write(self, result: Result) -> None:
         assert self.detector is not None
-        changed = self.detector.update(result.frame.timestamp, result.scores, result.frame.index)
+        changed: list[Event] = []
+        zoned = self.scopes != [(None, None)]
+        for zone, scores, _top in result.scopes():
+            scope = (result.camera, zone) if zoned else (None, None)
+            detector = self.detectors.get(scope)
+            if detector is None:
+                continue
+            changed += detector.update(result.frame.timestamp, scores, result.frame.index)
+            for name, event in detector.tracking.items():
+                if event.peak_frame == result.frame.index and event.last_frame == result.frame.index:
+                    self._best[(scope, name)] = result
         self._last_timestamp = result.frame.timestamp
-        for name, event in self.detector.tracking.items():
-            if event.peak_frame == result.frame.index and event.last_frame == result.frame.index:
-                self._best[name] = result
         for output in self._opened:
-            output.frame(result)
+            if output.camera is None or output.camera == result.camera:
+                output.frame(result)
         for event in changed:
             self._emit(event)
 
@@ -139,8 +192,8 @@ class EventSink(Sink):
             return
         self._closed = True
         try:
-            if self.detector is not None:
-                for event in self.detector.finish(self._last_timestamp):
+            for detector in self.detectors.values():
+                for event in detector.finish(self._last_timestamp):
                     self._emit(event)
         finally:
             errors = []
@@ -155,15 +208,20 @@ class EventSink(Sink):
     # -- fan-out
 
     def _emit(self, event: Event) -> None:
-        best = self._best.get(event.name)
+        key = ((event.camera, event.zone), event.name)
+        best = self._best.get(key)
         if event.state == "ended":
-            self._best.pop(event.name, None)
+            self._best.pop(key, None)
         else:
             self.events_started += 1
-        for output in self._opened:
+        outputs = [o for o in self._opened if o.camera is None or o.camera == event.camera]
+        for output in outputs:
             output.prepare(event, best)
-        rec = event.to_record(source=self.source, device=self.device)
-        for output in self._opened:
+        source = self.source
+        if event.camera is not None:
+            source = next((c.source.description for c in self.cameras if c.name == event.camera), source)
+        rec = event.to_record(source=source, device=self.device)
+        for output in outputs:
             output.event(rec, event, best)
 
 
@@ -234,7 +292,8 @@ def event_sink(events: Sequence[str] | None, *, start_s: float | None = None, en
                mqtt_discovery: str | None = None, mqtt_ca: Path | None = None, webhooks: Sequence[str] | None = None,
                device_id: str | None = None, classifier: Any = None, json_sinks: Sequence[JsonLinesSink] = (),
                server: ServeSink | None = None, console: bool = True,
-               info: Any = None) -> EventSink | None:
+               info: Any = None, mqtt_password: str | None = None,
+               cameras: Sequence[str] | None = None) -> EventSink | None:
     """The ``EventSink`` for ``edgesqz run``'s event options, or None when there are none.
 
     Checks every option first (a clear error for each mistake), resolves the labels against
@@ -271,9 +330,18 @@ def event_sink(events: Sequence[str] | None, *, start_s: float | None = None, en
     outputs: list[EventOutput] = []
     media = None
     if snapshot_dir is not None or clip_dir is not None:
-        media = MediaWriter(snapshot_dir=snapshot_dir, clip_dir=clip_dir, preroll_s=preroll_s, keep=keep,
-                            max_disk_mb=max_disk_mb, say=say)
-        outputs.append(media)
+        if cameras:  # several cameras: a writer (pre-roll ring, clips, files) per camera, in DIR/CAMERA/
+            for camera in cameras:
+                writer = MediaWriter(snapshot_dir=snapshot_dir / camera if snapshot_dir is not None else None,
+                                     clip_dir=clip_dir / camera if clip_dir is not None else None,
+                                     preroll_s=preroll_s, keep=keep, max_disk_mb=max_disk_mb, say=say)
+                writer.camera = camera
+                media = media or writer
+                outputs.append(writer)
+        else:
+            media = MediaWriter(snapshot_dir=snapshot_dir, clip_dir=clip_dir, preroll_s=preroll_s, keep=keep,
+                                max_disk_mb=max_disk_mb, say=say)
+            outputs.append(media)
     elif preroll_s is not None or keep is not None or max_disk_mb is not None:
         raise EdgesqzError("--preroll, --keep and --max-disk need --snapshot-dir DIR or --clip-dir DIR")
     if json_sinks:
@@ -283,7 +351,8 @@ def event_sink(events: Sequence[str] | None, *, start_s: float | None = None, en
     if server is not None:
         outputs.append(ServeEventOutput(server))
     hooks = [WebhookOutput(url) for url in webhooks or ()]
-    mqtt_out = MqttOutput(mqtt, device=device, discovery=mqtt_discovery, ca_file=mqtt_ca) if mqtt else None
+    mqtt_out = MqttOutput(mqtt, device=device, discovery=mqtt_discovery, ca_file=mqtt_ca,
+                          password=mqtt_password) if mqtt else None
     sink = EventSink(rules, outputs, start_s=DEFAULT_START_S if start_s is None else start_s,
                      end_s=DEFAULT_END_S if end_s is None else end_s, device=device)
     if classifier is not None and rules:

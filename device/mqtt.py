@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -42,6 +43,7 @@ from urllib.parse import unquote, urlsplit
 import numpy as np
 
 from edgesqz._version import __version__
+from edgesqz.device.events import slug
 from edgesqz.device.eventsink import EventOutput
 from edgesqz.errors import EdgesqzError
 from edgesqz.schema import dumps
@@ -129,15 +131,28 @@ class Topics:
     def label(self) -> str:
         return f"{self.base}/label"
 
-    def state(self, rule_slug: str) -> str:
-        return f"{self.base}/rule/{rule_slug}/state"
+    def state(self, rule_slug: str, scope: tuple[str | None, str | None] = (None, None)) -> str:
+        return f"{self.where(scope)}/rule/{rule_slug}/state"
 
-    def last(self, rule_slug: str) -> str:
-        return f"{self.base}/rule/{rule_slug}/last"
+    def last(self, rule_slug: str, scope: tuple[str | None, str | None] = (None, None)) -> str:
+        return f"{self.where(scope)}/rule/{rule_slug}/last"
+
+    def where(self, scope: tuple[str | None, str | None]) -> str:
+        """A zone's topics: ``PREFIX/DEVICE/CAMERA/ZONE`` (``PREFIX/DEVICE/CAMERA`` for a camera's whole frame;
+        ``PREFIX/DEVICE`` in a run of one camera without zones, as before zones existed)."""
+        return "/".join([self.base, *(p for p in scope if p)])
+
+    def zone_label(self, scope: tuple[str | None, str | None]) -> str:
+        return f"{self.where(scope)}/label"
+
+    def camera_status(self, camera: str) -> str:
+        return f"{self.base}/{camera}/status"
 
 
 def discovery_messages(topics: Topics, rules: list[EventRule], *, discovery_prefix: str = DEFAULT_DISCOVERY,
-                       model: str | None = None) -> list[tuple[str, dict[str, Any]]]:
+                       model: str | None = None,
+                       scopes: dict[tuple[str | None, str | None], list[EventRule]] | None = None,
+                       ) -> list[tuple[str, dict[str, Any]]]:
     """Home Assistant MQTT discovery: (config topic, config) for the label sensor and one binary sensor per rule.
 
     Follows Home Assistant's discovery schema: ``<discovery_prefix>/<component>/<node_id>/<object_id>/config``
@@ -150,15 +165,39 @@ def discovery_messages(topics: Topics, rules: list[EventRule], *, discovery_pref
     common = {"availability_topic": topics.status, "payload_available": "online", "payload_not_available": "offline",
               "device": device, "origin": {"name": "edgesqz", "sw_version": __version__, "support_url": PROJECT_URL},
               "qos": 1}
-    out = [(f"{discovery_prefix}/sensor/{node}/label/config", {
-        "name": "Label", "unique_id": f"{node}_label", "state_topic": topics.label,
-        "value_template": "{{ value_json.label }}", "json_attributes_topic": topics.label, "icon": "mdi:cctv",
-        **common})]
-    for rule in rules:
-        out.append((f"{discovery_prefix}/binary_sensor/{node}/{rule.slug}/config", {
-            "name": rule.name, "unique_id": f"{node}_{rule.slug}", "state_topic": topics.state(rule.slug),
-            "payload_on": "ON", "payload_off": "OFF", "device_class": "occupancy",
-            "json_attributes_topic": topics.last(rule.slug), **common}))
+    if scopes is None or list(scopes) == [(None, None)]:
+        out = [(f"{discovery_prefix}/sensor/{node}/label/config", {
+            "name": "Label", "unique_id": f"{node}_label", "state_topic": topics.label,
+            "value_template": "{{ value_json.label }}", "json_attributes_topic": topics.label, "icon": "mdi:cctv",
+            **common})]
+        for rule in rules:
+            out.append((f"{discovery_prefix}/binary_sensor/{node}/{rule.slug}/config", {
+                "name": rule.name, "unique_id": f"{node}_{rule.slug}", "state_topic": topics.state(rule.slug),
+                "payload_on": "ON", "payload_off": "OFF", "device_class": "occupancy",
+                "json_attributes_topic": topics.last(rule.slug), **common}))
+        return out
+    # Several cameras or zones: one label sensor per zone (and per camera without zones), the binary sensors of
+    # the rules on it; each is available while the run is online AND its camera delivers frames.
+    out = []
+    for scope, scope_rules in scopes.items():
+        camera = scope[0]
+        key = "_".join(slug(p) for p in scope if p)
+        title = " ".join(p for p in scope if p)
+        available = {**common, "availability": [
+            {"topic": topics.status, "payload_available": "online", "payload_not_available": "offline"},
+            {"topic": topics.camera_status(str(camera)), "payload_available": "online",
+             "payload_not_available": "unavailable"}], "availability_mode": "all"}
+        for k in ("availability_topic", "payload_available", "payload_not_available"):
+            available.pop(k)
+        out.append((f"{discovery_prefix}/sensor/{node}/{key}_label/config", {
+            "name": f"{title} label", "unique_id": f"{node}_{key}_label", "state_topic": topics.zone_label(scope),
+            "value_template": "{{ value_json.label }}", "json_attributes_topic": topics.zone_label(scope),
+            "icon": "mdi:cctv", **available}))
+        for rule in scope_rules:
+            out.append((f"{discovery_prefix}/binary_sensor/{node}/{key}_{rule.slug}/config", {
+                "name": f"{title} {rule.name}", "unique_id": f"{node}_{key}_{rule.slug}",
+                "state_topic": topics.state(rule.slug, scope), "payload_on": "ON", "payload_off": "OFF",
+                "device_class": "occupancy", "json_attributes_topic": topics.last(rule.slug, scope), **available}))
     return out
 
 
@@ -170,8 +209,10 @@ class MqttOutput(EventOutput):
 
     def __init__(self, url: str, *, device: str, discovery: str | None = None, ca_file: str | Path | None = None,
                  max_queued: int = 1000, keepalive: int = 30, client_id: str | None = None,
-                 reconnect: tuple[int, int] = (1, 30)) -> None:
+                 reconnect: tuple[int, int] = (1, 30), password: str | None = None) -> None:
         self.target = parse_mqtt_url(url)
+        if password is not None and self.target.username and self.target.password is None:
+            self.target = dataclasses.replace(self.target, password=password)
         disc = DEFAULT_DISCOVERY if discovery is None else discovery.strip().strip("/")
         if disc.lower() in ("off", "none", "no", "false", ""):
             disc = ""
@@ -204,6 +245,12 @@ class MqttOutput(EventOutput):
         self._early: collections.OrderedDict[int, None] = collections.OrderedDict()  # acks seen before their mid
         self._label: dict[str, Any] | None = None
         self._label_sent: tuple[str, float] = ("", -1e9)
+        self.scopes: dict[tuple[str | None, str | None], list[EventRule]] = {(None, None): []}
+        self._labels: dict[tuple[str | None, str | None], dict[str, Any]] = {}
+        self._labels_sent: dict[tuple[str | None, str | None], tuple[str, float]] = {}
+        self._cameras: list[Any] = []
+        self._camera_states: dict[str, str] = {}
+        self._cameras_checked = 0.0
         self._outage_warned = False
         self._opened = False
         self._closed = False
@@ -302,15 +349,23 @@ class MqttOutput(EventOutput):
             return
         if self.discovery:
             for topic, config in discovery_messages(self.topics, self.rules, discovery_prefix=self.discovery,
-                                                    model=self.model):
+                                                    model=self.model, scopes=self.scopes):
                 self._publish(topic, dumps(config), retain=True)
         with self._lock:
             states = dict(self._states)
             label = self._label
-        for rule in self.rules:
-            self._publish(self.topics.state(rule.slug), states.get(rule.slug, "OFF"), retain=True)
+            labels = dict(self._labels)
+            cameras = dict(self._camera_states)
+        for camera, state in cameras.items():
+            self._publish(self.topics.camera_status(camera), state, retain=True)
+        for scope, rules in self.scopes.items():
+            for rule in (self.rules if scope == (None, None) else rules):
+                key = self.topics.state(rule.slug, scope)
+                self._publish(key, states.get(key, "OFF"), retain=True)
         if label is not None:
             self._publish(self.topics.label, dumps(label), qos=0, retain=True)
+        for scope, value in labels.items():
+            self._publish(self.topics.zone_label(scope), dumps(value), qos=0, retain=True)
 
     def _publish(self, topic: str, payload: str, *, qos: int = 1, retain: bool = False) -> None:
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
@@ -354,13 +409,21 @@ class MqttOutput(EventOutput):
         self.labels = sink.detector.labels if sink.detector is not None else None
         self.model = sink.model
         self.source = sink.source
+        self.scopes = {scope: sink.scope_rules(*scope) for scope in sink.scopes}
+        self._cameras = list(sink.cameras) if sink.scopes != [(None, None)] else []
         with self._lock:
-            self._states = {rule.slug: "OFF" for rule in self.rules}
+            self._states = {self.topics.state(rule.slug, scope): "OFF"
+                            for scope, rules in self.scopes.items()
+                            for rule in (self.rules if scope == (None, None) else rules)}
+            self._camera_states = {c.name: "online" if c.state == "online" else "unavailable" for c in self._cameras}
         self._opened = True
         if self.connected.is_set():
             self._announce(status=False)  # now that the rules and the model are known
 
     def frame(self, result: Result) -> None:
+        if self._cameras:
+            self._zone_labels(result)
+            return
         index = int(np.argmax(result.scores))
         label = self.labels[index] if self.labels is not None else str(index)
         now = time.monotonic()
@@ -375,15 +438,46 @@ class MqttOutput(EventOutput):
         if self.connected.is_set():
             self._client.publish(self.topics.label, payload, qos=0, retain=True)
 
+    def _zone_labels(self, result: Result) -> None:
+        """Each zone's current label (at most once a second per zone, when it changes); camera availability."""
+        now = time.monotonic()
+        publish: list[tuple[str, str, bool]] = []
+        with self._lock:
+            for zone, scores, _top in result.scopes():
+                scope = (result.camera, zone)
+                index = int(np.argmax(scores))
+                label = self.labels[index] if self.labels is not None else str(index)
+                value = {"label": label, "index": index, "score": round(float(scores[index]), 6),
+                         "frame": result.frame.index, "timestamp": round(result.frame.timestamp, 6)}
+                self._labels[scope] = value
+                last, at = self._labels_sent.get(scope, ("", -1e9))
+                if label != last and now - at >= LABEL_INTERVAL_S:
+                    self._labels_sent[scope] = (label, now)
+                    publish.append((self.topics.zone_label(scope), dumps(value), False))
+            if now - self._cameras_checked >= LABEL_INTERVAL_S:
+                self._cameras_checked = now
+                for cam in self._cameras:
+                    state = "online" if cam.state == "online" else "unavailable"
+                    if self._camera_states.get(cam.name) != state:
+                        self._camera_states[cam.name] = state
+                        publish.append((self.topics.camera_status(cam.name), state, True))
+        if self.connected.is_set():
+            for topic, payload, important in publish:
+                if important:
+                    self._publish(topic, payload, retain=True)
+                else:
+                    self._client.publish(topic, payload, qos=0, retain=True)
+
     def event(self, record: dict[str, Any], event: Event, best: Result | None) -> None:
         slug = event.rule.slug
+        scope = (event.camera, event.zone)
         state = "ON" if record["state"] == "start" else "OFF"
         with self._lock:
-            self._states[slug] = state
+            self._states[self.topics.state(slug, scope)] = state
         payload = dumps(record)
         self._publish(self.topics.event, payload)
-        self._publish(self.topics.state(slug), state, retain=True)
-        self._publish(self.topics.last(slug), payload, retain=True)
+        self._publish(self.topics.state(slug, scope), state, retain=True)
+        self._publish(self.topics.last(slug, scope), payload, retain=True)
 
     def close(self) -> None:
         """Deliver what is queued (up to 5 s), say ``offline``, disconnect."""
@@ -400,6 +494,8 @@ class MqttOutput(EventOutput):
             log.warning("warning: mqtt: %d messages were not delivered (the broker at %s:%d is unreachable)", left,
                         self.target.host, self.target.port)
         if self.connected.is_set():
+            for camera in list(self._camera_states):
+                self._client.publish(self.topics.camera_status(camera), "unavailable", qos=1, retain=True)
             info = self._client.publish(self.topics.status, "offline", qos=1, retain=True)
             with contextlib.suppress(Exception):
                 info.wait_for_publish(2.0)

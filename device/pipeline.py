@@ -11,19 +11,23 @@ recording is finalised. A SIGHUP that is ignored (``nohup``) stays ignored.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import signal
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from edgesqz.device.classifier import Classifier
-from edgesqz.device.results import Result, Summary
+from edgesqz.device.config import CameraConfig
+from edgesqz.device.results import Result, Summary, ZoneResult
 from edgesqz.device.sinks import Sink
-from edgesqz.device.sources import FrameSource
+from edgesqz.device.site import CameraRun
+from edgesqz.device.sources import Frame, FrameSource
 from edgesqz.errors import EdgesqzError
+
+log = logging.getLogger("edgesqz.device")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -39,7 +43,7 @@ class Pipeline:
 
     def __init__(
         self,
-        source: FrameSource,
+        source: FrameSource | Sequence[CameraRun],
         classifier: Classifier,
         sinks: Sequence[Sink] = (),
         *,
@@ -58,7 +62,14 @@ class Pipeline:
             raise EdgesqzError(f"--top-k must be >= 1, got {top_k}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise EdgesqzError(f"--threshold must be between 0 and 1, got {threshold}")
-        self.source = source
+        if isinstance(source, FrameSource):
+            self.cameras = [CameraRun(CameraConfig(name="camera", named=False), source)]
+        else:
+            self.cameras = list(source)
+            if not self.cameras:
+                raise EdgesqzError("no camera or source to classify")
+        self.multi = len(self.cameras) > 1 or any(c.config.named or c.zones for c in self.cameras)
+        self.source = self.cameras[0].source  # the (first) source
         self.classifier = classifier
         self.sinks = list(sinks)
         self.top_k = top_k
@@ -67,7 +78,8 @@ class Pipeline:
         self.duration = duration
         self.handle_signals = handle_signals
         self.opencv_threads = opencv_threads
-        self.summary = Summary(source=source.description, runtime=classifier.runtime_info())
+        self.summary = Summary(source=" + ".join(c.source.description for c in self.cameras),
+                               runtime=classifier.runtime_info())
         self._stop_reason: str | None = None
         self._lock = threading.Lock()
 
@@ -113,15 +125,18 @@ class Pipeline:
         return self.summary
 
     def results(self) -> Iterator[Result]:
-        """Classify frames one by one (the source is started here and closed at the end)."""
+        """Classify frames one by one, from every camera (the sources are started here and closed at the end)."""
         summary = self.summary
-        source = self.source
-        source.start(prepare=self.classifier.prepare)
+        cams = self.cameras
+        wake = threading.Event()
+        several = len(cams) > 1
+        for cam in cams:
+            cam.source.notify = wake if several else None
+            cam.source.start(prepare_frame=cam.preparer(self.classifier.prepare), open_in_thread=several)
         t_start = time.perf_counter()
         deadline = t_start + self.duration if self.duration else None
         first: float | None = None
         last = t_start
-        recent: deque[float] = deque(maxlen=30)
         try:
             while not self.stopping:
                 now = time.perf_counter()
@@ -129,38 +144,96 @@ class Pipeline:
                     self.stop("duration")
                     break
                 timeout = 0.1 if deadline is None else max(0.0, min(0.1, deadline - now))
-                frame = source.read(timeout=timeout)
-                if frame is None:
-                    if source.ended:
-                        self.stop("end_of_source")
-                    continue
-                if first is None:
-                    first = time.perf_counter()
-                if frame.input is None:  # a source started without prepare
-                    t0 = time.perf_counter()
-                    frame.input = self.classifier.prepare(frame.image)
-                    frame.prepare_ms = (time.perf_counter() - t0) * 1e3
-                out = self.classifier.infer(frame.input)
-                top = self.classifier.top(out.scores, self.top_k, self.threshold)
-                last = time.perf_counter()
-                recent.append(last)
-                latency = {"preprocess": frame.prepare_ms, **out.timings, "end_to_end": (last - frame.captured) * 1e3}
-                summary.add(latency)
-                span = recent[-1] - recent[0]
-                fps = (len(recent) - 1) / span if span > 0 else 0.0
-                frame.input = None  # the tensor is no longer needed; keep results light
-                yield Result(source=source.description, frame=frame, seq=summary.frames - 1, top_k=top,
-                             scores=out.scores, latency_ms=latency, fps=fps)
-                if self.max_frames is not None and summary.frames >= self.max_frames:
-                    self.stop("max_frames")
+                got = False
+                for cam in cams:
+                    if cam.finished:
+                        continue
+                    frame = self._read(cam, 0.0 if several else timeout)
+                    if frame is None:
+                        continue
+                    got = True
+                    if first is None:
+                        first = time.perf_counter()
+                    result = self._classify(cam, frame)
+                    last = time.perf_counter()
+                    yield result
+                    if self.max_frames is not None and summary.frames >= self.max_frames:
+                        self.stop("max_frames")
+                    if self.stopping:
+                        break
+                if all(cam.finished for cam in cams):
+                    failed = [cam for cam in cams if cam.failed]
+                    if several and len(failed) == len(cams):
+                        raise EdgesqzError("every camera failed: " + "; ".join(f"{c.name}: {c.failed}" for c in failed))
+                    self.stop("end_of_source")
+                    break
+                if several and not got:
+                    wake.wait(timeout)
+                    wake.clear()
         finally:
-            source.close()
+            statuses = {c.name: c.status() for c in cams}  # as they were, before closing says "ended"
+            for cam in cams:
+                cam.source.close()
             summary.duration_s = (last - first) if first is not None else 0.0
-            summary.captured = source.captured
-            summary.dropped = source.dropped
-            summary.skipped = len(getattr(source.capture, "skipped", ()))
-            summary.reconnects = source.reconnects
+            summary.captured = sum(c.source.captured for c in cams)
+            summary.dropped = sum(c.source.dropped for c in cams)
+            summary.skipped = sum(len(getattr(c.source.capture, "skipped", ())) for c in cams)
+            summary.reconnects = sum(c.source.reconnects for c in cams)
+            if self.multi:
+                summary.cameras = statuses
             summary.stopped_by = self._stop_reason or "stop"
+
+    def _read(self, cam: CameraRun, timeout: float) -> Frame | None:
+        """The camera's next frame; a camera of several that fails for good is reported and left out."""
+        try:
+            frame = cam.source.read(timeout=timeout)
+        except EdgesqzError as exc:
+            if len(self.cameras) == 1:
+                raise
+            cam.failed, cam.finished = str(exc), True
+            log.warning("warning: camera %s is unavailable: %s; the other cameras go on", cam.name, exc)
+            return None
+        if frame is None and cam.source.ended:
+            cam.finished = True
+        return frame
+
+    def _classify(self, cam: CameraRun, frame: Frame) -> Result:
+        classifier = self.classifier
+        zones: list[ZoneResult] | None = None
+        if frame.zones is not None:
+            todo = [i for i, z in enumerate(frame.zones) if z.tensor is not None]
+            outs = classifier.infer_many([frame.zones[i].tensor for i in todo])  # type: ignore[misc]
+            timings: dict[str, float] = {"inference": 0.0, "postprocess": 0.0}
+            for i, out in zip(todo, outs, strict=True):
+                cam.last_scores[i] = out.scores
+                for key in timings:
+                    timings[key] += out.timings.get(key, 0.0)
+            zones = []
+            for i, (view, zin) in enumerate(zip(cam.zones, frame.zones, strict=True)):
+                scores = cam.last_scores[i]
+                assert scores is not None  # the first frame classifies every zone
+                zones.append(ZoneResult(name=view.name, rect=zin.rect, scores=scores,
+                                        top_k=classifier.top(scores, self.top_k, self.threshold),
+                                        classified=zin.tensor is not None, motion=zin.motion))
+                zin.tensor = None
+            scores_all = zones[0].scores
+            top: list[dict[str, Any]] = []
+        else:
+            if frame.input is None:  # a source started without prepare
+                t0 = time.perf_counter()
+                frame.input = classifier.prepare(frame.image)
+                frame.prepare_ms = (time.perf_counter() - t0) * 1e3
+            out = classifier.infer(frame.input)
+            timings, scores_all = out.timings, out.scores
+            top = classifier.top(out.scores, self.top_k, self.threshold)
+        done = time.perf_counter()
+        fps = cam.tick(done)
+        latency = {"preprocess": frame.prepare_ms, **timings, "end_to_end": (done - frame.captured) * 1e3}
+        self.summary.add(latency)
+        frame.input = None  # the tensor is no longer needed; keep results light
+        return Result(source=cam.source.description, frame=frame, seq=self.summary.frames - 1, top_k=top,
+                      scores=scores_all, latency_ms=latency, fps=fps, camera=cam.name if self.multi else None,
+                      zones=zones)
 
     @contextlib.contextmanager
     def _opencv_threads(self) -> Iterator[None]:

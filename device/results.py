@@ -22,8 +22,26 @@ def _ms(value: float) -> float:
 
 
 @dataclass
+class ZoneResult:
+    """One zone of a classified frame."""
+
+    name: str
+    rect: tuple[int, int, int, int]  # pixels x, y, w, h in the frame
+    scores: np.ndarray  # the zone's class probabilities
+    top_k: list[dict[str, Any]]
+    classified: bool = True  # False: motion gating reused the zone's last result
+    motion: float | None = None  # fraction of the zone's pixels that changed (motion gating only)
+
+    def to_record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"rect": list(self.rect), "top_k": self.top_k, "classified": self.classified}
+        if self.motion is not None:
+            out["motion"] = round(self.motion, 4)
+        return out
+
+
+@dataclass
 class Result:
-    """One classified frame."""
+    """One classified frame (of one camera; with zones, one result per zone inside)."""
 
     source: str  # the source's description, e.g. "camera 0", "clip.mp4"
     frame: Frame
@@ -31,19 +49,31 @@ class Result:
     top_k: list[dict[str, Any]]  # edgesqz.schema.top_k entries at or above the threshold
     scores: np.ndarray  # all class probabilities
     latency_ms: dict[str, float]  # preprocess, inference, postprocess, end_to_end
-    fps: float  # recent classification rate (frames per second)
+    fps: float  # recent classification rate of this camera (frames per second)
+    camera: str | None = None  # the camera's name (runs with several cameras, named cameras or zones)
+    zones: list[ZoneResult] | None = None  # None: the whole frame was classified (top_k, scores)
 
     def to_record(self) -> dict[str, Any]:
-        extra = {"image": self.frame.name} if self.frame.name is not None else {}
+        extra: dict[str, Any] = {"image": self.frame.name} if self.frame.name is not None else {}
+        if self.camera is not None:
+            extra = {"camera": self.camera, **extra}
+        scope: dict[str, Any] = {"top_k": self.top_k} if self.zones is None else {
+            "zones": {z.name: z.to_record() for z in self.zones}}
         return record(
             "classification",
             source=self.source,
             frame=self.frame.index,
             **extra,
             timestamp=round(self.frame.timestamp, 6),
-            top_k=self.top_k,
+            **scope,
             latency_ms={k: _ms(v) for k, v in self.latency_ms.items()},
         )
+
+    def scopes(self) -> list[tuple[str | None, np.ndarray, list[dict[str, Any]]]]:
+        """(zone name or None for the whole frame, scores, top_k) of each thing classified in this frame."""
+        if self.zones is None:
+            return [(None, self.scores, self.top_k)]
+        return [(z.name, z.scores, z.top_k) for z in self.zones]
 
 
 class LatencyStats:
@@ -92,6 +122,7 @@ class Summary:
     latency: dict[str, LatencyStats] = field(default_factory=lambda: {
         "preprocess": LatencyStats(), "inference": LatencyStats(), "end_to_end": LatencyStats()})
     runtime: dict[str, Any] = field(default_factory=dict)
+    cameras: dict[str, dict[str, Any]] | None = None  # per camera, for runs with several (or named) cameras
 
     @property
     def fps(self) -> float:
@@ -116,6 +147,7 @@ class Summary:
             fps_mean=round(self.fps, 2),
             latency_ms={k: v.to_dict() for k, v in self.latency.items()},
             stopped_by=self.stopped_by,
+            **({"cameras": self.cameras} if self.cameras is not None else {}),
             **self.runtime,
         )
 
@@ -128,6 +160,9 @@ class Summary:
 
         extra = "".join([f", skipped {self.skipped}" if self.skipped else "",
                          f", reconnected {self.reconnects}x" if self.reconnects else ""])
+        cams = "".join(f"\ncamera {name}: {c['frames']} frames, dropped {c['dropped']}, {c['state']}"
+                       + (f" ({c['error']})" if c.get("error") else "")
+                       for name, c in (self.cameras or {}).items()) if self.cameras and len(self.cameras) > 1 else ""
         return (f"{self.frames} frames in {self.duration_s:.1f} s: {self.fps:.1f} FPS mean, dropped {self.dropped}"
                 f"{extra} (stopped by {self.stopped_by.replace('_', ' ')})\n"
-                f"latency ms p50/p90: inference {pair(inf)}, end-to-end {pair(e2e)}")
+                f"latency ms p50/p90: inference {pair(inf)}, end-to-end {pair(e2e)}{cams}")

@@ -253,6 +253,8 @@ class _Encoder:
         self._cond = threading.Condition()
         self._pending: Result | None = None
         self._stopping = False
+        self.cameras: list[Any] = []  # several cameras: one stream of a mosaic of their newest frames
+        self._tiles: dict[str, np.ndarray] = {}
         self._thread = threading.Thread(target=self._run, name="edgesqz-serve-encoder", daemon=True)
 
     def start(self) -> None:
@@ -289,7 +291,10 @@ class _Encoder:
             if not self._hub.watched and now - last < IDLE_ENCODE_S:
                 continue
             try:
-                ok, buf = cv2.imencode(".jpg", annotate(result.frame.image, result), self._params)
+                picture = annotate(result.frame.image, result)
+                if len(self.cameras) > 1:
+                    picture = self._mosaic(result.camera, picture)
+                ok, buf = cv2.imencode(".jpg", picture, self._params)
             except cv2.error as exc:
                 log.debug("cannot encode frame %d: %s", result.frame.index, exc)
                 continue
@@ -297,6 +302,32 @@ class _Encoder:
                 self._hub.publish_frame(buf.tobytes())
                 last = now
             self._pause(last + self._interval - time.monotonic())
+
+
+    TILE_WIDTH = 640
+
+    def _mosaic(self, camera: str | None, picture: np.ndarray) -> np.ndarray:
+        """Every camera's newest annotated frame in a grid (a camera without frames: a grey tile saying why)."""
+        w = self.TILE_WIDTH
+        h0, w0 = picture.shape[:2]
+        tile_h = max(1, round(h0 * w / w0)) if not self._tiles else next(iter(self._tiles.values())).shape[0]
+        self._tiles[str(camera)] = cv2.resize(picture, (w, tile_h), interpolation=cv2.INTER_AREA)
+        tiles = []
+        for cam in self.cameras:
+            tile = self._tiles.get(cam.name)
+            if tile is None or cam.state != "online":
+                grey = np.full((tile_h, w, 3), 60, np.uint8) if tile is None else (tile * 0.35).astype(np.uint8)
+                cv2.putText(grey, f"{cam.name}: {cam.state}", (12, tile_h // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.8,
+                            (255, 255, 255), 2, cv2.LINE_AA)
+                tile = grey
+            tiles.append(tile)
+        cols = math.ceil(math.sqrt(len(tiles)))
+        rows = math.ceil(len(tiles) / cols)
+        grid = np.zeros((rows * tile_h, cols * w, 3), np.uint8)
+        for i, tile in enumerate(tiles):
+            r, c = divmod(i, cols)
+            grid[r * tile_h:(r + 1) * tile_h, c * w:(c + 1) * w] = tile
+        return grid
 
 
 class _RecentLatency:
@@ -673,6 +704,7 @@ class ServeSink(Sink):
     def open(self, pipeline: Pipeline | None = None) -> None:
         self._pipeline = pipeline
         self._facts = _facts(pipeline)
+        self._encoder.cameras = list(getattr(pipeline, "cameras", [])) if pipeline is not None else []
         self._started = time.monotonic()
         self._encoder.start()
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -750,6 +782,8 @@ class ServeSink(Sink):
             model=self._facts.get("model", {}),
             device={**self._facts.get("device", {}), **_live_device_facts()},
             events=events,
+            **({"cameras": [c.status() for c in pipeline.cameras]}
+               if pipeline is not None and getattr(pipeline, "multi", False) else {}),
         )
 
 

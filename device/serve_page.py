@@ -88,14 +88,32 @@ function prediction(p) {
   return li;
 }
 
+const scopes = new Map();  // "camera/zone" -> its latest top-k (runs with several cameras or zones)
+
 function draw() {
   drawing = false;
   const r = latest;
   const list = $("top");
   list.dataset.frame = r.frame;
-  $("frame").textContent = `frame ${r.frame}`;
-  list.replaceChildren(...r.top_k.map(prediction));
-  if (!r.top_k.length) list.append(prediction({ label: "(below threshold)", score: 0 }));
+  $("frame").textContent = r.camera ? `${r.camera}: frame ${r.frame}` : `frame ${r.frame}`;
+  if (r.zones || r.camera) {
+    if (r.zones) {
+      for (const [z, v] of Object.entries(r.zones)) scopes.set(r.camera ? `${r.camera}/${z}` : z, v);
+    } else {
+      scopes.set(r.camera, { top_k: r.top_k, classified: true });
+    }
+    const items = [];
+    for (const [name, v] of [...scopes.entries()].sort()) {
+      const best = v.top_k[0] || { label: "(below threshold)", score: 0 };
+      const li = prediction({ label: `${name}: ${best.label}${v.classified ? "" : " (still)"}`, score: best.score });
+      li.dataset.zone = name;
+      items.push(li);
+    }
+    list.replaceChildren(...items);
+  } else {
+    list.replaceChildren(...r.top_k.map(prediction));
+    if (!r.top_k.length) list.append(prediction({ label: "(below threshold)", score: 0 }));
+  }
   $("inference").textContent = ms(r.latency_ms.inference);
   $("e2e").textContent = ms(r.latency_ms.end_to_end);
 }
@@ -166,7 +184,9 @@ function showStatus(s) {
   facts($("device"), [["board", d.board], ["cpu", d.cpu], ["cores", d.cores], ["machine", d.machine],
     ["temperature", d.temperature_c == null ? null : `${d.temperature_c.toFixed(1)} °C`],
     ["clock", d.mhz ? `${Math.round(d.mhz.current)} MHz` : null], ["python", d.python],
-    ["source", s.source]]);
+    ["source", s.source],
+    ...(s.cameras || []).map((c) => [`camera ${c.name}`, `${c.state}, ${c.frames} frames` +
+      (c.zones.length ? `, zones ${c.zones.join(", ")}` : "") + (c.error ? ` (${c.error})` : "")])]);
   if (!s.running && s.summary) finish(s.summary);
 }
 

@@ -98,7 +98,13 @@ def annotate(image: np.ndarray, result: Result) -> np.ndarray:
     h, w = out.shape[:2]
     scale = max(0.4, min(w, h) / 800)
     thick = max(1, round(scale * 2))
-    lines = [f"{p['label']}  {p['score'] * 100:.1f}%" for p in result.top_k] or ["(below threshold)"]
+    if result.zones is not None:
+        _draw_zones(out, result, scale, thick)
+        lines = [result.camera] if result.camera else []
+    else:
+        lines = [f"{p['label']}  {p['score'] * 100:.1f}%" for p in result.top_k] or ["(below threshold)"]
+        if result.camera:
+            lines.insert(0, result.camera)
     lat = result.latency_ms
     lines.append(f"{result.fps:.1f} FPS  inference {lat['inference']:.1f} ms  end-to-end {lat['end_to_end']:.1f} ms")
     font = cv2.FONT_HERSHEY_SIMPLEX
@@ -113,6 +119,26 @@ def annotate(image: np.ndarray, result: Result) -> np.ndarray:
         y = line_h * (i + 1)
         cv2.putText(out, text, (round(8 * scale), y), font, scale, colour, thick, cv2.LINE_AA)
     return out
+
+
+ZONE_COLOURS = [(80, 200, 255), (255, 160, 60), (120, 230, 120), (230, 120, 230), (90, 90, 255), (255, 255, 120)]
+
+
+def _draw_zones(out: np.ndarray, result: Result, scale: float, thick: int) -> None:
+    """Each zone's rectangle with its name, top-1 label and score (dimmed when the result was reused)."""
+    font = cv2.FONT_HERSHEY_SIMPLEX
+    for i, zone in enumerate(result.zones or ()):
+        x, y, w, h = zone.rect
+        colour = ZONE_COLOURS[i % len(ZONE_COLOURS)]
+        cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), colour, max(2, thick), cv2.LINE_AA)
+        best = zone.top_k[0] if zone.top_k else None
+        text = f"{zone.name}: {best['label']} {best['score'] * 100:.0f}%" if best else f"{zone.name}: -"
+        if not zone.classified:
+            text += " (still)"
+        (tw, th), base = cv2.getTextSize(text, font, scale * 0.8, thick)
+        ty = y + th + 6 if y + th + 6 < out.shape[0] else max(th + 2, y - 4)
+        cv2.rectangle(out, (x, ty - th - 4), (min(out.shape[1] - 1, x + tw + 6), ty + base), colour, -1)
+        cv2.putText(out, text, (x + 3, ty), font, scale * 0.8, (0, 0, 0), thick, cv2.LINE_AA)
 
 
 # --------------------------------------------------------------------------- sinks
@@ -205,7 +231,14 @@ class ConsoleSink(Sink):
             return
         stream = self.stream or sys.stdout
         name = Path(result.frame.name).name if result.frame.name else f"frame {result.frame.index}"
-        preds = "  ".join(f"{p['label']} {p['score'] * 100:.1f}%" for p in result.top_k[: self.top]) or "-"
+        if result.camera is not None:
+            name = f"{result.camera} {name}"
+        if result.zones is None:
+            preds = "  ".join(f"{p['label']} {p['score'] * 100:.1f}%" for p in result.top_k[: self.top]) or "-"
+        else:
+            preds = "  ".join(f"[{z.name}] " + (" ".join(f"{p['label']} {p['score'] * 100:.1f}%"
+                                                         for p in z.top_k[: self.top]) or "-")
+                              + ("" if z.classified else " (still)") for z in result.zones)
         try:
             stream.write(f"{name}  {preds}  ({result.latency_ms['inference']:.1f} ms)\n")
             stream.flush()

@@ -61,6 +61,7 @@ class Frame:
     name: str | None = None  # the file name, for image sources
     input: np.ndarray | None = None  # the model input, when the source was started with ``prepare``
     prepare_ms: float = 0.0
+    zones: list[Any] | None = None  # per zone (edgesqz.device.site.ZoneInput), when the camera has zones
 
 
 class Capture(Protocol):
@@ -214,10 +215,12 @@ class Picamera2Capture:
 
     lost_hint = "check the ribbon cable and `rpicam-hello --list-cameras`"
 
-    def __init__(self, *, width: int | None = None, height: int | None = None, fps: float | None = None) -> None:
+    def __init__(self, *, width: int | None = None, height: int | None = None, fps: float | None = None,
+                 index: int = 0) -> None:
         self.size = (width or PICAMERA2_DEFAULT_SIZE[0], height or PICAMERA2_DEFAULT_SIZE[1])
         self.req_fps = fps
-        self.description = "picamera2"
+        self.index = index
+        self.description = f"picamera2:{index}"
         self._cam: Any = None
 
     def open(self) -> None:
@@ -227,7 +230,7 @@ class Picamera2Capture:
             raise EdgesqzError(f"--camera picamera2 needs the Picamera2 library, which is not installed ({exc}); "
                                f"{PICAMERA2_HELP}") from exc
         try:
-            cam = Picamera2()
+            cam = Picamera2(self.index)
             controls = {"FrameRate": float(self.req_fps)} if self.req_fps else {}
             # RGB888 is B, G, R in memory: what OpenCV calls BGR.
             config = cam.create_video_configuration(main={"size": self.size, "format": "RGB888"}, controls=controls,
@@ -414,7 +417,11 @@ class FrameSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._prepare: Callable[[np.ndarray], np.ndarray] | None = None
+        self._prepare_frame: Callable[[Frame], None] | None = None
         self._opened = False
+        self._open_in_thread = False
+        self.state = "connecting"  # online, reconnecting, ended, unavailable
+        self.notify: threading.Event | None = None  # set whenever a frame arrives or the source ends
 
     def _stop_aware_sleep(self, delay: float) -> None:
         self._stop.wait(delay)
@@ -428,12 +435,22 @@ class FrameSource:
             self._opened = True
         return self
 
-    def start(self, prepare: Callable[[np.ndarray], np.ndarray] | None = None) -> FrameSource:
-        """Open the capture if needed, then start the reader thread (``prepare`` runs on each frame there)."""
+    def start(self, prepare: Callable[[np.ndarray], np.ndarray] | None = None, *,
+              prepare_frame: Callable[[Frame], None] | None = None, open_in_thread: bool = False) -> FrameSource:
+        """Open the capture if needed, then start the reader thread (``prepare`` runs on each frame there).
+
+        ``prepare_frame`` instead fills the frame's inputs itself (zones). ``open_in_thread``: a capture that
+        does not open yet is retried with back-off in the reader thread (one camera of several), instead of
+        raising here.
+        """
         if self._thread is not None:
             raise RuntimeError("this source was already started")
         self._prepare = prepare
-        self.open()
+        self._prepare_frame = prepare_frame
+        if open_in_thread and not self._opened:
+            self._open_in_thread = True
+        else:
+            self.open()
         self._thread = threading.Thread(target=self._run, name=f"edgesqz-source:{self.description}", daemon=True)
         self._thread.start()
         return self
@@ -513,6 +530,9 @@ class FrameSource:
 
     def _run(self) -> None:
         try:
+            if self._open_in_thread and not self._open_with_retry():
+                return
+            self.state = "online"
             while not self._stop.is_set():
                 got = self.capture.read()
                 if got is None and self.live and self.retry is not None:
@@ -525,13 +545,45 @@ class FrameSource:
         except Exception as exc:  # a reader thread must never die silently
             self._error = EdgesqzError(f"{self.description}: reading failed: {type(exc).__name__}: {exc}")
         finally:
+            self.state = "unavailable" if self._error is not None else "ended"
             self._finish()
+
+    def _open_with_retry(self) -> bool:
+        """Open the capture in the reader thread, with the retry policy's back-off; False when stopped."""
+        try:
+            with _opencv_quiet():
+                self.capture.open()
+            self._opened = True
+            return True
+        except EdgesqzError as exc:
+            last = str(exc)
+        log.warning("warning: %s does not open (%s); retrying %s", self.description, last,
+                    (self.retry or Retry(attempts=0)).describe())
+        attempts = 0
+        for delay in (self.retry.delays() if self.retry is not None else ()):
+            self._sleep(delay)
+            attempts += 1
+            if self._stop.is_set():
+                return False
+            try:
+                with _opencv_quiet():
+                    self.capture.open()
+                self._opened = True
+                log.warning("warning: %s is open", self.description)
+                return True
+            except EdgesqzError as exc:
+                last = str(exc)
+        raise EdgesqzError(f"{self.description} did not open after {attempts} more attempts ({last})")
 
     def _emit(self, image: np.ndarray, name: str | None) -> None:
         frame = Frame(image=image, index=self.captured, timestamp=time.time(), captured=time.perf_counter(),
                       name=name)
         self.captured += 1
-        if self._prepare is not None:
+        if self._prepare_frame is not None:
+            t0 = time.perf_counter()
+            self._prepare_frame(frame)
+            frame.prepare_ms = (time.perf_counter() - t0) * 1e3
+        elif self._prepare is not None:
             t0 = time.perf_counter()
             frame.input = self._prepare(image)
             frame.prepare_ms = (time.perf_counter() - t0) * 1e3
@@ -544,16 +596,20 @@ class FrameSource:
                     self.dropped += 1
                 self._latest = frame
                 self._cond.notify_all()
-            return
-        self._put(frame)
+        else:
+            self._put(frame)
+        if self.notify is not None:
+            self.notify.set()
 
     def _finish(self) -> None:
         if self.live:
             with self._cond:
                 self._ended = True
                 self._cond.notify_all()
-            return
-        self._put(_END)
+        else:
+            self._put(_END)
+        if self.notify is not None:
+            self.notify.set()
 
     def _put(self, item: object) -> None:
         """Queue ``item`` for the consumer (files: nothing is dropped), giving up only when stopped."""
@@ -582,6 +638,7 @@ class FrameSource:
         limit = self.retry.attempts
         for attempt, delay in enumerate(self.retry.delays(), 1):
             of = f" of {limit}" if limit is not None else ""
+            self.state = "reconnecting"
             log.warning("warning: %s stopped delivering frames; reopening in %.1f s (attempt %d%s)",
                         self.description, delay, attempt, of)
             self.capture.close()
@@ -599,6 +656,7 @@ class FrameSource:
             got = self.capture.read()
             if got is not None:
                 self.reconnects += 1
+                self.state = "online"
                 log.warning("warning: %s is back", self.description)
                 return got
             last = ("the server answers but sends nothing OpenCV can decode as video"
@@ -651,14 +709,66 @@ def _opencv_quiet() -> Iterator[None]:
 # --------------------------------------------------------------------------- from the CLI
 
 
-def parse_camera(value: str) -> int | str:
-    """``--camera`` value: an index, or ``picamera2``."""
+CAMERA_USAGE = "--camera takes N (0, 1, ...), picamera2[:N] (Raspberry Pi camera module) or v4l2:N (USB camera)"
+
+
+def parse_camera(value: str) -> tuple[str, int]:
+    """``--camera`` value -> (stack, index): ``auto`` for a bare N, ``picamera2`` or ``v4l2`` when forced."""
     v = value.strip().lower()
-    if v == "picamera2":
-        return "picamera2"
-    if v.isdigit():
-        return int(v)
-    raise EdgesqzError(f"--camera takes a camera index (0, 1, ...) or picamera2, not {value!r}")
+    stack, sep, number = v.partition(":")
+    if not sep:
+        stack, number = ("picamera2", "0") if v == "picamera2" else ("auto", v)
+    if stack not in ("auto", "picamera2", "v4l2") or not (number.isascii() and number.isdigit()) \
+            or len(number) > 3:
+        raise EdgesqzError(f"{CAMERA_USAGE}, not {value!r}")
+    return stack, int(number)
+
+
+def libcamera_cameras() -> list[dict[str, Any]] | None:
+    """The cameras libcamera lists through Picamera2 (index order), or None when Picamera2 is not importable."""
+    try:
+        from picamera2 import Picamera2  # only on a Raspberry Pi with python3-picamera2
+    except ImportError:
+        return None
+    try:
+        with native_stderr():
+            info = Picamera2.global_camera_info()
+    except Exception:  # libcamera without a camera manager: treat as none
+        return []
+    return [dict(item) for item in info or []]
+
+
+def v4l2_cameras() -> list[str]:
+    """``/dev/videoN`` capture nodes (Linux)."""
+    return sorted((p.name for p in Path("/dev").glob("video*") if p.name[5:].isdigit()), key=lambda n: int(n[5:]))
+
+
+def resolve_camera(value: str) -> tuple[str, int]:
+    """(stack, index) that ``--camera VALUE`` opens: a bare N is libcamera's camera N when Picamera2 is
+    importable and libcamera lists cameras (the camera module; OpenCV cannot open it since libcamera),
+    else V4L2's /dev/videoN."""
+    stack, index = parse_camera(value)
+    if stack != "auto":
+        return stack, index
+    cams = libcamera_cameras()
+    if cams and index < len(cams):
+        return "picamera2", index
+    return "v4l2", index
+
+
+def camera_inventory() -> list[dict[str, str]]:
+    """Every camera each stack sees, and the ``--camera`` value that opens it (for ``edgesqz doctor``)."""
+    out = []
+    cams = libcamera_cameras() or []
+    for i, info in enumerate(cams):
+        what = " ".join(str(info[k]) for k in ("Model", "Location", "Id") if info.get(k) not in (None, ""))
+        out.append({"stack": "libcamera (Picamera2)", "device": what or f"camera {i}",
+                    "open_with": f"--camera {i} (or picamera2:{i})"})
+    for name in v4l2_cameras():
+        n = int(name[5:])
+        value = f"--camera v4l2:{n}" + ("" if n < len(cams) else f" (or {n})")
+        out.append({"stack": "V4L2 (OpenCV)", "device": f"/dev/{name}", "open_with": value})
+    return out
 
 
 def _is_url(value: str) -> bool:
@@ -700,10 +810,11 @@ def open_source(
                  or Path(source).suffix.lower() in IMAGE_SUFFIXES):
         raise EdgesqzError("--loop plays a video file again and again; give --source VIDEO_FILE")
     if source is None:
-        cam = parse_camera(str(camera)) if camera is not None else 0
-        if cam == "picamera2":
-            return FrameSource(Picamera2Capture(width=width, height=height, fps=fps), live=True, retry=retry)
-        return FrameSource(OpenCVCapture(int(cam), width=width, height=height, fps=fps), live=True, retry=retry)
+        stack, index = resolve_camera(str(camera) if camera is not None else "0")
+        if stack == "picamera2":
+            return FrameSource(Picamera2Capture(width=width, height=height, fps=fps, index=index), live=True,
+                               retry=retry)
+        return FrameSource(OpenCVCapture(index, width=width, height=height, fps=fps), live=True, retry=retry)
 
     text = os.fspath(source)
     if _is_url(text):

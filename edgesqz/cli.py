@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -444,6 +445,30 @@ def _bench_table(rep: dict, rows: list[dict], pipeline: list[dict]) -> None:
         out.print(f"pipeline {p['source']}, {p['threads']} thread(s), p50 ms: " + ", ".join(
             f"{k} {v['p50_ms']:.2f}" for k, v in st.items()) + f"  ({st['end_to_end']['fps']:.1f} FPS sequential)")
     err.print(f"peak RSS {rep['peak_rss_mb']} MB")
+
+
+config_app = typer.Typer(help="Site files (TOML) for `edgesqz run --config`: check one before deploying it.",
+                         no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("check")
+def config_check(
+    file: Annotated[Path, typer.Argument(help="The site file (TOML).", readable=False)],
+) -> None:
+    """Check a site file without running it: keys, types, rectangles, cameras, the model and its labels."""
+    from edgesqz.device.config import load_config
+    from edgesqz.device.runner import check_site
+
+    try:
+        cfg = load_config(file)
+        lines = check_site(cfg)
+    except EdgesqzError as exc:
+        typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+        raise typer.Exit(2) from None
+    for line in lines:
+        typer.echo(line)
+    typer.echo(f"{file}: ok")
 
 
 edgetpu_app = typer.Typer(help="Coral Edge TPU: check a model's compatibility, compile it.", no_args_is_help=True)

@@ -145,12 +145,18 @@ def run_checks() -> tuple[list[Finding], bool]:
         findings.append(Finding("coral", "info", "no Coral attached" + (" (libedgetpu installed)" if edgetpu_lib
                                                                         else "")))
 
-    cams = sysinfo.cameras()
+    from edgesqz.device.sources import camera_inventory
+
+    cams = camera_inventory()
     picamera2 = sysinfo.importable("picamera2")
-    findings.append(Finding("camera", "ok" if cams or picamera2 else "warn",
-                            (", ".join(cams) or "no /dev/video*") + ("; picamera2 importable" if picamera2 else ""),
-                            "" if cams or picamera2 else "plug in a USB camera, or for a CSI camera: sudo apt install "
-                            "python3-picamera2 and create the venv with --system-site-packages"))
+    if cams:
+        for cam in cams:
+            findings.append(Finding("camera", "ok", f"{cam['stack']}: {cam['device']}: {cam['open_with']}"))
+    else:
+        findings.append(Finding("camera", "warn", "no camera: libcamera lists none" if picamera2 else
+                                "no /dev/video* and Picamera2 is not importable",
+                                "plug in a USB camera, or for a camera module: sudo apt install python3-picamera2 and "
+                                "create the venv with --system-site-packages"))
     has_display, what = sysinfo.display_check()
     findings.append(Finding("display", "ok" if has_display else "info",
                             what if has_display else f"none: {what}; run is headless (use --json, --record or "

@@ -1,0 +1,251 @@
+"""``edgesqz run`` as a library call: :func:`run_site` reads a :class:`RunConfig` and runs it.
+
+The command line and a site file both fill the one :class:`~edgesqz.device.config.RunConfig`;
+this module is the only reader: it opens the cameras (each with its own reader thread), loads the
+model once (one interpreter for every camera and zone), builds the sinks (window, JSON lines,
+recording, web page, events with MQTT and webhooks) and runs the :class:`Pipeline`::
+
+    from edgesqz.device.config import load_config
+    from edgesqz.device.runner import run_site
+
+    summary = run_site(load_config("site.toml"))
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from edgesqz.device.config import RunConfig
+from edgesqz.device.models import ORIGINS, ModelChoice, choose_model
+from edgesqz.device.results import Summary
+from edgesqz.errors import EdgesqzError
+
+
+def _say(message: str) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        print(message, file=sys.stderr, flush=True)
+
+
+def floats(value: str | None, name: str) -> list[float] | None:
+    """``--mean``/``--std``: one number or R,G,B."""
+    if value is None:
+        return None
+    try:
+        values = [float(v) for v in value.replace(" ", "").split(",") if v]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise EdgesqzError(f"{name} takes one number or three separated by commas, not {value!r}")
+    return values
+
+
+def make_classifier(model: Path | ModelChoice | None, *, threads: int | None, delegate: str | None, top_k: int,
+                    threshold: float, labels: Path | None, crop_fraction: float | None, color_order: str | None,
+                    mean: str | None, std: str | None, output_kind: str | None,
+                    info: Callable[[str], None] = _say) -> Any:
+    """The one :class:`Classifier` of a run (model chosen as ``--model``, EDGESQZ_MODEL, latest, default)."""
+    from edgesqz.device.classifier import Classifier
+
+    choice = model if isinstance(model, ModelChoice) else choose_model(model)
+    classifier = Classifier(choice.path, threads=threads, delegate=delegate, top_k=top_k, threshold=threshold,
+                            labels=labels, crop_fraction=crop_fraction, color_order=color_order,
+                            mean=floats(mean, "--mean"), std=floats(std, "--std"), output_kind=output_kind)
+    info(f"model: {classifier.describe_model()}" + ("" if choice.origin == "option" else
+                                                     f"; {ORIGINS[choice.origin]}"))
+    info(f"runtime: {classifier.describe_runtime()}")
+    return classifier
+
+
+def serve_sink(cfg: RunConfig, info: Callable[[str], None] = _say) -> Any:
+    """The ``--serve`` sink, its socket already bound (so a bad address or a busy port fails first), or None."""
+    s = cfg.serve
+    if s.address is None:
+        for name, value in (("--token", s.token), ("--max-viewers", s.max_viewers)):
+            if value is not None:
+                raise EdgesqzError(f"{name} needs --serve [HOST:]PORT")
+        return None
+    from edgesqz.device.serve import DEFAULT_MAX_VIEWERS, ServeSink
+
+    viewers = DEFAULT_MAX_VIEWERS if s.max_viewers is None else s.max_viewers
+    sink = ServeSink(s.address, token=s.token, max_viewers=viewers)
+    info(f"serving: {sink.url} (stream /stream.mjpg, events /events, status /status; {viewers} viewers at most)")
+    return sink
+
+
+def open_cameras(cfg: RunConfig) -> list[Any]:
+    """One :class:`CameraRun` per camera of the configuration, not started. With one camera, it is opened here
+    (a missing camera or an unreadable video is an error now); with several, each opens in its own thread and
+    one that does not open is retried with back-off while the others run."""
+    from edgesqz.device.site import CameraRun
+    from edgesqz.device.sources import open_source, parse_reconnect
+
+    retry = parse_reconnect(cfg.reconnect)
+    cams = []
+    for cam in cfg.cameras:
+        source = open_source(camera=cam.camera, source=cam.source, width=cam.width, height=cam.height, fps=cam.fps,
+                             retry=retry, loop=cam.loop)
+        cams.append(CameraRun(cam, source))
+    return cams
+
+
+def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
+    """Run the configuration to its end (a limit, the sources' end, a signal); returns the run summary."""
+    from edgesqz.device.eventsink import event_sink
+    from edgesqz.device.pipeline import Pipeline
+    from edgesqz.device.sinks import ConsoleSink, JsonLinesSink, Sink, VideoRecordSink, WindowSink, display_status
+    from edgesqz.fileio import check_distinct, check_output
+
+    choice = choose_model(cfg.model)
+    # Outputs are checked before anything is opened: never an input, never an existing file without --force.
+    inputs: list[tuple[str, Any]] = [("--model", choice.path), ("--labels", cfg.labels)]
+    inputs += [("--source", cam.source) for cam in cfg.cameras if cam.source is not None and "://" not in cam.source]
+    if cfg.path is not None:
+        inputs.append(("--config", cfg.path))
+    check_distinct([("--output", cfg.output), ("--record", cfg.record)])
+    sinks: list[Sink] = []
+    if cfg.record is not None:
+        sinks.append(VideoRecordSink(cfg.record, force=cfg.force, inputs=inputs))
+    output = cfg.output
+    if output is not None:
+        output = check_output(output, force=cfg.force, what="--output", option="--output", inputs=inputs,
+                              create_parents=False)
+    cameras = open_cameras(cfg)
+    with contextlib.ExitStack() as undo:  # closes what was opened when setting up fails; then the pipeline does
+        server = serve_sink(cfg, info)
+        if server is not None:
+            undo.callback(server.close)
+        if len(cameras) == 1:
+            cameras[0].source.open()  # a missing camera or an unreadable video fails here, before the model loads
+        for cam in cameras:
+            undo.callback(cam.source.close)
+        classifier = make_classifier(choice, threads=cfg.threads, delegate=cfg.delegate, top_k=cfg.top_k,
+                                     threshold=cfg.threshold, labels=cfg.labels, crop_fraction=cfg.crop_fraction,
+                                     color_order=cfg.color_order, mean=cfg.mean, std=cfg.std,
+                                     output_kind=cfg.output_kind, info=info)
+        window = False
+        if cfg.display:
+            window, why = display_status()
+            info(f"display: {why}" if window else f"display: none, running headless ({why})")
+        if window:
+            sinks.append(WindowSink())
+        if cfg.json:
+            sinks.append(JsonLinesSink(sys.stdout))
+        if output is not None:
+            sinks.append(JsonLinesSink(output, force=cfg.force))
+        if server is not None:
+            sinks.append(server)
+        elif not cfg.json and not window:
+            sinks.append(ConsoleSink())
+        ev, mq = cfg.events, cfg.mqtt
+        events = event_sink(ev.rules or None, start_s=ev.start, end_s=ev.end, snapshot_dir=ev.snapshot_dir,
+                            clip_dir=ev.clip_dir, preroll_s=ev.preroll, keep=ev.keep, max_disk_mb=ev.max_disk,
+                            mqtt=mq.url, mqtt_discovery=mq.discovery, mqtt_ca=mq.ca, mqtt_password=mq.password,
+                            webhooks=cfg.webhooks or None, device_id=mq.device_id, classifier=classifier,
+                            json_sinks=[s for s in sinks if isinstance(s, JsonLinesSink)], server=server, info=info,
+                            cameras=[c.name for c in cameras] if len(cameras) > 1 else None)
+        if events is not None:  # after the JSON sinks: a frame's line comes before the event it starts
+            undo.callback(events.close)
+            sinks.append(events)
+        pipeline = Pipeline(cameras, classifier, sinks, top_k=cfg.top_k, threshold=cfg.threshold,
+                            max_frames=cfg.max_frames, duration=cfg.duration)
+        if events is not None:
+            events.bind_pipeline(pipeline)  # zones and cameras: a rule naming no zone of this run fails now
+        undo.pop_all()
+    for cam in cameras:
+        source = cam.source
+        size = source.frame_size
+        details = [f"{size[0]}x{size[1]}" if size else "", f"{source.fps:g} fps" if source.fps else "",
+                   "live: newest frame only" if source.live else "",
+                   f"zones {', '.join(f'{z.name}={z.rect_config.describe()}' for z in cam.zones)}" if cam.zones else ""]
+        name = f"camera {cam.name}: " if pipeline.multi else ""
+        info(f"source: {name}{source.description}" + (f" ({', '.join(d for d in details if d)})"
+                                                      if any(details) else ""))
+    if any((c.width or c.height) for c in cfg.cameras) and not any(c.source.live for c in cameras):
+        info("note: --width/--height are requests to a camera; files are read at their own size")
+    recorder = next((sink for sink in sinks if isinstance(sink, VideoRecordSink)), None)
+    try:
+        summary = pipeline.run()
+    except EdgesqzError:
+        if pipeline.summary.frames:  # e.g. the camera went away after a while: still say what was done
+            info(pipeline.summary.describe())
+            if recorder is not None and recorder.saved:
+                info(f"recorded {cfg.record} ({recorder.frames} frames before the error)")
+        raise
+    info(summary.describe())
+    if recorder is not None:
+        info(f"recorded {cfg.record} ({recorder.frames} frames)" if recorder.saved else "nothing recorded (no frames)")
+    return summary
+
+
+def check_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> list[str]:
+    """Everything :func:`run_site` checks before it starts, without opening a camera or the network: the model
+    (its labels), event rules against its labels and the zones, the MQTT URL, the serve address, the reconnect
+    policy. Returns a line per camera for the user; raises the first mistake (line numbers from a site file)."""
+    from edgesqz.device.config import ConfigError
+    from edgesqz.device.events import EventRule
+    from edgesqz.device.eventsink import EventSink
+    from edgesqz.device.sources import parse_camera, parse_reconnect
+
+    def located(key: tuple[str, ...], exc: EdgesqzError) -> ConfigError:
+        if cfg.path is None:
+            return ConfigError(str(exc))
+        from edgesqz.device.config import _Lines, read_config_text
+
+        line = _Lines(read_config_text(cfg.path)).line(key)
+        return ConfigError(f"{cfg.path}:{line}: {exc}" if line else f"{cfg.path}: {exc}")
+
+    try:
+        parse_reconnect(cfg.reconnect)
+    except EdgesqzError as exc:
+        raise located(("reconnect",), exc) from None
+    for cam in cfg.cameras:
+        if cam.camera is not None:
+            try:
+                parse_camera(cam.camera)
+            except EdgesqzError as exc:
+                raise located(("cameras", cam.name, "camera"), exc) from None
+    if cfg.serve.address is not None:
+        from edgesqz.device.serve import parse_address
+
+        try:
+            parse_address(cfg.serve.address)
+        except EdgesqzError as exc:
+            raise located(("serve", "address"), exc) from None
+    if cfg.mqtt.url is not None:
+        from edgesqz.device.mqtt import parse_mqtt_url
+
+        try:
+            parse_mqtt_url(cfg.mqtt.url)
+        except EdgesqzError as exc:
+            raise located(("mqtt", "url"), exc) from None
+    try:
+        rules = [EventRule.parse(r) for r in cfg.events.rules]
+    except EdgesqzError as exc:
+        raise located(("events", "rules"), exc) from None
+    try:
+        classifier = make_classifier(cfg.model, threads=1, delegate=None, top_k=cfg.top_k, threshold=cfg.threshold,
+                                     labels=cfg.labels, crop_fraction=cfg.crop_fraction, color_order=cfg.color_order,
+                                     mean=cfg.mean, std=cfg.std, output_kind=cfg.output_kind, info=lambda _m: None)
+    except EdgesqzError as exc:
+        raise located(("model",), exc) from None
+    if rules:
+        multi = cfg.multi
+        scopes = ([(c.name, z.name) for c in cfg.cameras for z in c.zones]
+                  + [(c.name, None) for c in cfg.cameras if not c.zones]) if multi else None
+        try:
+            EventSink(rules).bind(classifier.labels, classifier.num_classes, scopes)
+        except EdgesqzError as exc:
+            raise located(("events", "rules"), exc) from None
+    lines = [f"model: {classifier.describe_model()}"]
+    for cam in cfg.cameras:
+        what = f"camera {cam.camera}" if cam.camera is not None else cam.source
+        zones = ", ".join(f"{z.name}={z.rect.describe()}" + (" (motion)" if z.motion else "") for z in cam.zones)
+        lines.append(f"camera {cam.name}: {what}" + (f"; zones {zones}" if zones else "; whole frame"))
+    for rule in rules:
+        lines.append(f"event: {rule.describe()}")
+    return lines

@@ -619,8 +619,12 @@ def from_flags(cfg: RunConfig | None, flags: Mapping[str, Any], *, cameras: Sequ
         if value is not None:
             for cam in cfg.cameras:
                 setattr(cam, key, value)
+    given_zones: set[tuple[str | None, str]] = set()
     for text in zones:
         cam_name, zone = parse_zone(text)
+        if (cam_name, zone.name) in given_zones:
+            raise ConfigError(f"--zone {zone.name} is given twice; each zone of a camera has its own name")
+        given_zones.add((cam_name, zone.name))
         if cam_name is None:
             if len(cfg.cameras) > 1:
                 raise ConfigError(f"--zone {text!r}: there are {len(cfg.cameras)} cameras; say which: "

@@ -355,8 +355,8 @@ def event_sink(events: Sequence[str] | None, *, start_s: float | None = None, en
                           password=mqtt_password) if mqtt else None
     sink = EventSink(rules, outputs, start_s=DEFAULT_START_S if start_s is None else start_s,
                      end_s=DEFAULT_END_S if end_s is None else end_s, device=device)
-    if classifier is not None and rules:
-        sink.bind(classifier.labels, classifier.num_classes)
+    if classifier is not None and rules and not any(rule.zone for rule in rules):
+        sink.bind(classifier.labels, classifier.num_classes)  # zone rules: bind_pipeline, once zones are known
     for rule in rules:
         say(f"event: watching {rule.describe()}; starts after {sink.start_s:g} s, ends after {sink.end_s:g} s absent")
     if media is not None:

@@ -114,8 +114,10 @@ def test_bad_sources(tmp_path: Path) -> None:
 
 
 def test_camera_argument() -> None:
-    assert parse_camera("0") == 0 and parse_camera("12") == 12 and parse_camera("PiCamera2") == "picamera2"
-    with pytest.raises(EdgesqzError, match="camera index"):
+    assert parse_camera("0") == ("auto", 0) and parse_camera("12") == ("auto", 12)
+    assert parse_camera("PiCamera2") == ("picamera2", 0) and parse_camera("picamera2:1") == ("picamera2", 1)
+    assert parse_camera("v4l2:2") == ("v4l2", 2)
+    with pytest.raises(EdgesqzError, match="--camera takes N"):
         parse_camera("usb")
 
 

@@ -325,6 +325,7 @@ class Classifier:
         self._make = functools.partial(make_interpreter, data, threads=self.threads, delegate=delegate, backend=backend,
                                        xnnpack=xnnpack, src=f"model {src}")
         self._batched: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self.batching = os.environ.get("EDGESQZ_ZONE_BATCH", "1") != "0"  # 0: N invocations (benchmarks/zones.py)
         with native_stderr() as native:  # LiteRT's "INFO: Created ... XNNPACK delegate" and error echoes
             self.interpreter, self.backend = self._make()
         for line in native:
@@ -447,7 +448,6 @@ class Classifier:
         share = {"inference": (t1 - t0) * 1e3 / n, "postprocess": (t2 - t1) * 1e3 / n}
         return [Scores(scores, dict(share)) for scores in out]
 
-    batching = True
     BATCH_CACHE = 3
 
     def _batch_interpreter(self, n: int) -> Any:

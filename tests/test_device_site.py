@@ -17,8 +17,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from mqtt_broker import Broker, Subscriber, mosquitto_binary
 from event_helpers import jsonl
+from mqtt_broker import Broker, Subscriber, mosquitto_binary
 from test_device_run import edgesqz, one_error_line
 
 from edgesqz.device.config import ConfigError, Rect, from_flags, load_config, parse_rect, parse_zone

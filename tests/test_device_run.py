@@ -307,10 +307,10 @@ def test_no_model_named_uses_the_installed_default(photos_dir: Path, tmp_path: P
 
 def test_error_bad_options(int8_model: Path, videos: dict[str, Path], tmp_path: Path) -> None:
     src = ["--model", int8_model, "--source", videos["coffee"]]
-    one_error_line(edgesqz("run", *src, "--camera", 0), "either --camera or --source")
+    one_error_line(edgesqz("run", *src, "--camera", 0, "--camera", "0"), "same camera")
     one_error_line(edgesqz("run", *src, "--threshold", 1.5), "threshold")
     one_error_line(edgesqz("run", *src, "--max-frames", 0), "--max-frames")
     one_error_line(edgesqz("run", *src, "--threads", 0), "--threads")
     one_error_line(edgesqz("run", *src, "--record", tmp_path / "x.gif"), "--record")
     one_error_line(edgesqz("run", *src, "--labels", tmp_path / "none.txt"), "does not exist")
-    one_error_line(edgesqz("run", "--model", int8_model, "--camera", "usb"), "camera index")
+    one_error_line(edgesqz("run", "--model", int8_model, "--camera", "usb"), "--camera takes N")

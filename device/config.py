@@ -618,6 +618,8 @@ def from_flags(cfg: RunConfig | None, flags: Mapping[str, Any], *, cameras: Sequ
         value = flags.get(f"camera.{key}")
         if value is not None:
             for cam in cfg.cameras:
+                if key == "loop" and len(cfg.cameras) > 1 and (cam.source is None or "://" in cam.source):
+                    continue  # several cameras: --loop is for the video files among them
                 setattr(cam, key, value)
     given_zones: set[tuple[str | None, str]] = set()
     for text in zones:

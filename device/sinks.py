@@ -136,7 +136,7 @@ def _draw_zones(out: np.ndarray, result: Result, scale: float, thick: int) -> No
         if not zone.classified:
             text += " (still)"
         (tw, th), base = cv2.getTextSize(text, font, scale * 0.8, thick)
-        ty = y + th + 6 if y + th + 6 < out.shape[0] else max(th + 2, y - 4)
+        ty = max(th + 4, y + h - base - 4)  # along the zone's bottom edge: the top-left corner has the run's facts
         cv2.rectangle(out, (x, ty - th - 4), (min(out.shape[1] - 1, x + tw + 6), ty + base), colour, -1)
         cv2.putText(out, text, (x + 3, ty), font, scale * 0.8, (0, 0, 0), thick, cv2.LINE_AA)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import hashlib
 import logging
 import os
 import time
@@ -315,6 +316,7 @@ class Classifier:
         self.top_k_default = top_k
         self.threshold = threshold
         data = check_model_file(model_path)  # also validates the flatbuffer before native code sees it
+        self.sha256 = hashlib.sha256(data).hexdigest()
         self.metadata = read_metadata(data, src=f"model {src}")
         info = self.metadata.info
         task = info.get("task")
@@ -377,6 +379,15 @@ class Classifier:
         parts = [p for p in (info.get("architecture"), info.get("format")) if p]
         return " ".join(parts) if parts else (self.metadata.name or self.model_path.stem)
 
+    @property
+    def identity(self) -> dict[str, Any]:
+        """Which model this is, in every result: ``{"name", "sha256" (12 hex digits), "version"}``."""
+        info = self.metadata.info or {}
+        version = self.version or info.get("model_version") or info.get("created")
+        return {"name": self.model_path.name, "sha256": self.sha256[:12], "version": version}
+
+    version: str | None = None  # set by whoever knows better (a fleet deployment's version)
+
     def describe_runtime(self) -> str:
         """One line: backend, threads, delegate coverage."""
         threads = f"{self.threads} thread{'s' if self.threads != 1 else ''}"
@@ -394,7 +405,7 @@ class Classifier:
         backend: Backend = self.backend
         return {"model": str(self.model_path), "backend": backend.name, "backend_version": backend.version,
                 "threads": self.threads, "delegate": self.delegate, "coverage": self.coverage.to_dict(),
-                "output_kind": self.output_kind, "classes": self.num_classes}
+                "output_kind": self.output_kind, "classes": self.num_classes, "model_sha256": self.sha256}
 
     # -- the steps
 

@@ -160,6 +160,7 @@ class RunConfig:
     reconnect: str = "5"
     display: bool = True
     motion_gate: float | None = None  # every zone: motion gating with this max interval (seconds)
+    watch_model: bool = True  # a replaced model file (or a moved `latest`) is checked and swapped in
     webhooks: list[str] = field(default_factory=list)
     cameras: list[CameraConfig] = field(default_factory=list)
     serve: ServeConfig = field(default_factory=ServeConfig)
@@ -377,7 +378,7 @@ _TOP = {"model": (str,), "threads": (int,), "delegate": (str,), "top_k": (int,),
         "labels": (str,), "crop_fraction": (float,), "color_order": (str,), "mean": (str, float, list),
         "std": (str, float, list), "output_kind": (str,), "max_frames": (int,), "duration": (float,),
         "json": (bool,), "output": (str,), "record": (str,), "force": (bool,), "reconnect": (str, int),
-        "display": (bool,), "motion_gate": (float,), "webhooks": (list, str)}
+        "display": (bool,), "motion_gate": (float,), "watch_model": (bool,), "webhooks": (list, str)}
 _PATHS = {"model", "labels", "output", "record"}
 _TABLES = ("serve", "events", "mqtt", "cameras")
 

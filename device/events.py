@@ -292,6 +292,13 @@ class EventDetector:
     def rules(self) -> list[EventRule]:
         return [t.rule for t in self._tracks]
 
+    def relabel(self, labels: list[str] | None, classes: int) -> None:
+        """A new model (hot swap): the same rules on its labels; events going on carry on."""
+        indices = [np.asarray(resolve_indices(t.rule, labels, classes), dtype=np.intp) for t in self._tracks]
+        self.labels, self.classes = labels, classes
+        for track, idx in zip(self._tracks, indices, strict=True):
+            track.indices = idx
+
     @property
     def tracking(self) -> dict[str, Event]:
         """Events being followed, by rule name (pending ones included)."""

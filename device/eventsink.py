@@ -32,7 +32,15 @@ from typing import IO, TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
-from edgesqz.device.events import DEFAULT_END_S, DEFAULT_START_S, Event, EventDetector, EventRule, slug
+from edgesqz.device.events import (
+    DEFAULT_END_S,
+    DEFAULT_START_S,
+    Event,
+    EventDetector,
+    EventRule,
+    resolve_indices,
+    slug,
+)
 from edgesqz.device.sinks import JsonLinesSink, Sink
 from edgesqz.errors import EdgesqzError
 
@@ -145,6 +153,18 @@ class EventSink(Sink):
         self._bound = True
 
     _bound = False
+
+    def check_labels(self, labels: list[str] | None, classes: int) -> None:
+        """Raise when a rule names a label that a new model does not have."""
+        for rule in self.rules:
+            resolve_indices(rule, labels, classes)
+
+    def relabel(self, labels: list[str] | None, classes: int) -> None:
+        for detector in self.detectors.values():
+            detector.relabel(labels, classes)
+        for output in self._opened:
+            if hasattr(output, "labels"):
+                output.labels = labels
 
     def scope_rules(self, camera: str | None, zone: str | None) -> list[EventRule]:
         det = self.detectors.get((camera, zone))

@@ -16,7 +16,7 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from edgesqz.device.classifier import Classifier
@@ -82,6 +82,33 @@ class Pipeline:
                                runtime=classifier.runtime_info())
         self._stop_reason: str | None = None
         self._lock = threading.Lock()
+        self._identity = classifier.identity
+        self._pending: tuple[Classifier, Callable[[], None] | None] | None = None
+        self.on_swap: list[Callable[[Classifier, Classifier], None]] = []  # (old, new), between two frames
+        self.swaps = 0
+
+    def swap(self, classifier: Classifier, done: Callable[[], None] | None = None) -> None:
+        """Use ``classifier`` from the next frame on (thread-safe; the caller has checked it). ``done`` is
+        called in the pipeline's thread once the swap happened."""
+        with self._lock:
+            self._pending = (classifier, done)
+
+    def _apply_swap(self) -> None:
+        with self._lock:
+            pending, self._pending = self._pending, None
+        if pending is None:
+            return
+        new, done = pending
+        old, self.classifier = self.classifier, new
+        self._identity = new.identity
+        self.summary.runtime = new.runtime_info()
+        for cam in self.cameras:  # a zone's last result came from the old model: classify every zone again
+            cam.last_scores = [None] * len(cam.zones)
+        self.swaps += 1
+        for hook in self.on_swap:
+            hook(old, new)
+        if done is not None:
+            done()
 
     def stop(self, reason: str = "stop") -> None:
         """Ask the loop to finish after the current frame (thread- and signal-safe)."""
@@ -132,13 +159,16 @@ class Pipeline:
         several = len(cams) > 1
         for cam in cams:
             cam.source.notify = wake if several else None
-            cam.source.start(prepare_frame=cam.preparer(self.classifier.prepare), open_in_thread=several)
+            # the current classifier's preprocessing, also after a hot swap (same input contract)
+            cam.source.start(prepare_frame=cam.preparer(lambda image: self.classifier.prepare(image)),
+                             open_in_thread=several)
         t_start = time.perf_counter()
         deadline = t_start + self.duration if self.duration else None
         first: float | None = None
         last = t_start
         try:
             while not self.stopping:
+                self._apply_swap()
                 now = time.perf_counter()
                 if deadline is not None and now >= deadline:
                     self.stop("duration")
@@ -154,6 +184,7 @@ class Pipeline:
                     got = True
                     if first is None:
                         first = time.perf_counter()
+                    self._apply_swap()
                     result = self._classify(cam, frame)
                     last = time.perf_counter()
                     yield result
@@ -201,6 +232,10 @@ class Pipeline:
         classifier = self.classifier
         zones: list[ZoneResult] | None = None
         if frame.zones is not None:
+            for i, zin in enumerate(frame.zones):
+                if zin.tensor is None and cam.last_scores[i] is None:  # gated, but nothing to reuse (a new model)
+                    x, y, w, h = zin.rect
+                    zin.tensor = classifier.prepare(frame.image[y:y + h, x:x + w])
             todo = [i for i, z in enumerate(frame.zones) if z.tensor is not None]
             outs = classifier.infer_many([frame.zones[i].tensor for i in todo])  # type: ignore[misc]
             timings: dict[str, float] = {"inference": 0.0, "postprocess": 0.0}
@@ -233,7 +268,7 @@ class Pipeline:
         frame.input = None  # the tensor is no longer needed; keep results light
         return Result(source=cam.source.description, frame=frame, seq=self.summary.frames - 1, top_k=top,
                       scores=scores_all, latency_ms=latency, fps=fps, camera=cam.name if self.multi else None,
-                      zones=zones)
+                      zones=zones, model=self._identity)
 
     @contextlib.contextmanager
     def _opencv_threads(self) -> Iterator[None]:

@@ -52,6 +52,7 @@ class Result:
     fps: float  # recent classification rate of this camera (frames per second)
     camera: str | None = None  # the camera's name (runs with several cameras, named cameras or zones)
     zones: list[ZoneResult] | None = None  # None: the whole frame was classified (top_k, scores)
+    model: dict[str, Any] | None = None  # which model produced it: {"name", "sha256", "version"}
 
     def to_record(self) -> dict[str, Any]:
         extra: dict[str, Any] = {"image": self.frame.name} if self.frame.name is not None else {}
@@ -67,6 +68,7 @@ class Result:
             timestamp=round(self.frame.timestamp, 6),
             **scope,
             latency_ms={k: _ms(v) for k, v in self.latency_ms.items()},
+            **({"model": self.model} if self.model is not None else {}),
         )
 
     def scopes(self) -> list[tuple[str | None, np.ndarray, list[dict[str, Any]]]]:

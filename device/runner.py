@@ -155,6 +155,12 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
                             max_frames=cfg.max_frames, duration=cfg.duration)
         if events is not None:
             events.bind_pipeline(pipeline)  # zones and cameras: a rule naming no zone of this run fails now
+        swapper = _swapper(cfg, pipeline, events, info)
+        if cfg.watch_model:
+            from edgesqz.device.hotswap import ModelWatcher
+
+            watcher = ModelWatcher(choice.path, swapper.offer).start()
+            undo.callback(watcher.close)
         undo.pop_all()
     for cam in cameras:
         source = cam.source
@@ -169,7 +175,10 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
         info("note: --width/--height are requests to a camera; files are read at their own size")
     recorder = next((sink for sink in sinks if isinstance(sink, VideoRecordSink)), None)
     try:
-        summary = pipeline.run()
+        with contextlib.ExitStack() as background:
+            if cfg.watch_model:
+                background.callback(watcher.close)
+            summary = pipeline.run()
     except EdgesqzError:
         if pipeline.summary.frames:  # e.g. the camera went away after a while: still say what was done
             info(pipeline.summary.describe())
@@ -180,6 +189,41 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
     if recorder is not None:
         info(f"recorded {cfg.record} ({recorder.frames} frames)" if recorder.saved else "nothing recorded (no frames)")
     return summary
+
+
+class _FrameTap:
+    """A sink that keeps the newest frame for the hot swap's smoke test."""
+
+    stop_requested = False
+    stop_reason = "sink"
+
+    def __init__(self, swapper: Any) -> None:
+        self.swapper = swapper
+
+    def open(self, pipeline: Any) -> None:
+        pass
+
+    def write(self, result: Any) -> None:
+        self.swapper.note_frame(result.frame.image)
+
+    def close(self, summary: Any) -> None:
+        pass
+
+
+def _swapper(cfg: RunConfig, pipeline: Any, events: Any, info: Callable[[str], None]) -> Any:
+    """The run's :class:`ModelSwapper`: new models with the run's options, checked, swapped between frames."""
+    from edgesqz.device.hotswap import ModelSwapper
+
+    def make(path: Path) -> Any:
+        return make_classifier(ModelChoice(Path(path), "option"), threads=cfg.threads, delegate=cfg.delegate,
+                               top_k=cfg.top_k, threshold=cfg.threshold, labels=None, crop_fraction=cfg.crop_fraction,
+                               color_order=cfg.color_order, mean=cfg.mean, std=cfg.std, output_kind=cfg.output_kind,
+                               info=lambda _message: None)
+
+    swapper = ModelSwapper(pipeline, make, events=events, say=info)
+    pipeline.sinks.insert(0, _FrameTap(swapper))
+    pipeline.swapper = swapper
+    return swapper
 
 
 def check_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> list[str]:

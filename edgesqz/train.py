@@ -111,7 +111,8 @@ class Split:
 def _class_files(root: Path) -> tuple[list[str], dict[str, list[Path]]]:
     if not root.is_dir():
         raise EdgesqzError(f"{root} is not a folder; --data needs one sub-folder of images per class")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    # "_unsorted" (run --collect's frames waiting for a label) and hidden folders are not classes
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith((".", "_")))
     files = {c: sorted(p for p in (root / c).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
              for c in classes}
     return classes, files

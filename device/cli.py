@@ -26,6 +26,7 @@ SERVE_PANEL = "Live web preview"
 EVENTS_PANEL = "Events"
 NOTIFY_PANEL = "MQTT and webhooks"
 SITE_PANEL = "Cameras, zones and site file"
+COLLECT_PANEL = "Collecting training images"
 
 
 def _info(message: str) -> None:
@@ -118,6 +119,28 @@ def run(
     config: Annotated[Path | None, typer.Option(
         "--config", rich_help_panel=SITE_PANEL, readable=False,
         help="A site file (TOML, docs/site.md): cameras, zones, model, events, MQTT, ...; flags override it.")] = None,
+    collect: Annotated[Path | None, typer.Option(
+        "--collect", metavar="DIR", rich_help_panel=COLLECT_PANEL,
+        help="Save frames (zone crops with zones) as a dataset for `edgesqz train --data DIR`: DIR/_unsorted/ for "
+             "you to sort, DIR/LABEL/ from the page's 'save as' control, DIR/manifest.jsonl. Every 30 s unless "
+             "another policy is given.")] = None,
+    collect_every: Annotated[float | None, typer.Option(
+        "--collect-every", metavar="SECONDS", rich_help_panel=COLLECT_PANEL,
+        help="Save a frame of each camera/zone every SECONDS.")] = None,
+    collect_unsure: Annotated[float | None, typer.Option(
+        "--collect-unsure", metavar="SCORE", rich_help_panel=COLLECT_PANEL,
+        help="Save frames whose top-1 score is below SCORE (the model is unsure).")] = None,
+    collect_margin: Annotated[float | None, typer.Option(
+        "--collect-margin", metavar="M", rich_help_panel=COLLECT_PANEL,
+        help="Save frames whose top-1 and top-2 scores are less than M apart.")] = None,
+    collect_events: Annotated[bool, typer.Option(
+        "--collect-events", rich_help_panel=COLLECT_PANEL, help="Save a frame at each event start.")] = False,
+    collect_max_files: Annotated[int | None, typer.Option(
+        "--collect-max-files", rich_help_panel=COLLECT_PANEL,
+        help="At most this many images (default 2000): the oldest unsorted go first.")] = None,
+    collect_max_mb: Annotated[float | None, typer.Option(
+        "--collect-max-mb", metavar="MB", rich_help_panel=COLLECT_PANEL,
+        help="At most this many megabytes (default 500).")] = None,
     print_config: Annotated[bool, typer.Option(
         "--print-config", rich_help_panel=SITE_PANEL,
         help="Print the effective configuration (site file + flags) as TOML and exit.")] = False,
@@ -227,6 +250,9 @@ def run(
         "events.keep": keep, "events.max_disk": max_disk, "mqtt.url": mqtt, "mqtt.discovery": mqtt_discovery,
         "mqtt.ca": mqtt_ca, "mqtt.device_id": device_id,
         "camera.width": width, "camera.height": height, "camera.fps": fps, "camera.loop": loop or None,
+        "collect.dir": collect, "collect.every": collect_every, "collect.unsure": collect_unsure,
+        "collect.margin": collect_margin, "collect.events": collect_events or None,
+        "collect.max_files": collect_max_files, "collect.max_mb": collect_max_mb,
     }
     site = load_config(config) if config is not None else None
     cfg = from_flags(site, flags, cameras=camera or (), sources=source or (), zones=zone or ())

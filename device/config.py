@@ -137,6 +137,17 @@ class MqttConfig:
 
 
 @dataclass
+class CollectConfig:
+    dir: Path | None = None
+    every: float | None = None  # seconds
+    unsure: float | None = None  # top-1 below
+    margin: float | None = None  # top-1 minus top-2 below
+    events: bool = False  # on each event start
+    max_files: int | None = None
+    max_mb: float | None = None
+
+
+@dataclass
 class RunConfig:
     """Everything ``edgesqz run`` does, in one object (see the module docstring)."""
 
@@ -166,6 +177,7 @@ class RunConfig:
     serve: ServeConfig = field(default_factory=ServeConfig)
     events: EventsConfig = field(default_factory=EventsConfig)
     mqtt: MqttConfig = field(default_factory=MqttConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
     path: Path | None = None  # the site file it came from, if any
 
     @property
@@ -380,7 +392,7 @@ _TOP = {"model": (str,), "threads": (int,), "delegate": (str,), "top_k": (int,),
         "json": (bool,), "output": (str,), "record": (str,), "force": (bool,), "reconnect": (str, int),
         "display": (bool,), "motion_gate": (float,), "watch_model": (bool,), "webhooks": (list, str)}
 _PATHS = {"model", "labels", "output", "record"}
-_TABLES = ("serve", "events", "mqtt", "cameras")
+_TABLES = ("serve", "events", "mqtt", "collect", "cameras")
 
 
 def read_config_text(path: str | os.PathLike[str]) -> str:
@@ -458,6 +470,15 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
                           discovery=r.value(mq, "discovery", str, ("mqtt",)),
                           ca=_path(r.value(mq, "ca", str, ("mqtt",)), base),
                           device_id=r.value(mq, "device_id", str, ("mqtt",)))
+    co = r.table(data.get("collect", {}), ("collect",))
+    r.check_keys(co, [f.name for f in dataclasses.fields(CollectConfig)], ("collect",))
+    cfg.collect = CollectConfig(dir=_path(r.value(co, "dir", str, ("collect",)), base),
+                                every=r.value(co, "every", float, ("collect",)),
+                                unsure=r.value(co, "unsure", float, ("collect",)),
+                                margin=r.value(co, "margin", float, ("collect",)),
+                                events=bool(r.value(co, "events", bool, ("collect",))),
+                                max_files=r.value(co, "max_files", int, ("collect",)),
+                                max_mb=r.value(co, "max_mb", float, ("collect",)))
     cams = r.table(data.get("cameras", {}), ("cameras",))
     for name, spec in cams.items():
         where = ("cameras", name)
@@ -587,6 +608,7 @@ def from_flags(cfg: RunConfig | None, flags: Mapping[str, Any], *, cameras: Sequ
     cfg.serve = dataclasses.replace(cfg.serve)
     cfg.events = dataclasses.replace(cfg.events)
     cfg.mqtt = dataclasses.replace(cfg.mqtt)
+    cfg.collect = dataclasses.replace(cfg.collect)
     cfg.cameras = [dataclasses.replace(c, zones=list(c.zones)) for c in cfg.cameras]
     for key, value in flags.items():
         if value is None or key.startswith("camera."):  # camera.*: for every camera, below
@@ -654,11 +676,11 @@ def to_toml_dict(cfg: RunConfig, *, redact: bool = True) -> dict[str, Any]:
         if value is None or value == []:
             continue
         out[key] = str(value) if isinstance(value, Path) else value
-    for table, obj in (("serve", cfg.serve), ("events", cfg.events), ("mqtt", cfg.mqtt)):
+    for table, obj in (("serve", cfg.serve), ("events", cfg.events), ("mqtt", cfg.mqtt), ("collect", cfg.collect)):
         values = {}
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
-            if value is None or value == []:
+            if value is None or value == [] or value is False:
                 continue
             if redact and (table, f.name) in SECRET_KEYS:
                 value = "***"

@@ -141,6 +141,11 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
             sinks.append(server)
         elif not cfg.json and not window:
             sinks.append(ConsoleSink())
+        collector = _collector(cfg, classifier, info)
+        if collector is not None:
+            sinks.append(collector)
+            if server is not None:
+                server.collector = collector
         ev, mq = cfg.events, cfg.mqtt
         events = event_sink(ev.rules or None, start_s=ev.start, end_s=ev.end, snapshot_dir=ev.snapshot_dir,
                             clip_dir=ev.clip_dir, preroll_s=ev.preroll, keep=ev.keep, max_disk_mb=ev.max_disk,
@@ -151,6 +156,10 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
         if events is not None:  # after the JSON sinks: a frame's line comes before the event it starts
             undo.callback(events.close)
             sinks.append(events)
+            if collector is not None and cfg.collect.events:
+                events.outputs.append(collector.event_output())
+        elif collector is not None and cfg.collect.events:
+            raise EdgesqzError("--collect-events needs at least one --event LABEL")
         pipeline = Pipeline(cameras, classifier, sinks, top_k=cfg.top_k, threshold=cfg.threshold,
                             max_frames=cfg.max_frames, duration=cfg.duration)
         if events is not None:
@@ -189,6 +198,30 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
     if recorder is not None:
         info(f"recorded {cfg.record} ({recorder.frames} frames)" if recorder.saved else "nothing recorded (no frames)")
     return summary
+
+
+def _collector(cfg: RunConfig, classifier: Any, info: Callable[[str], None]) -> Any:
+    c = cfg.collect
+    given = {"--collect-every": c.every, "--collect-unsure": c.unsure, "--collect-margin": c.margin,
+             "--collect-events": c.events or None, "--collect-max-files": c.max_files, "--collect-max-mb": c.max_mb}
+    if c.dir is None:
+        for option, value in given.items():
+            if value is not None:
+                raise EdgesqzError(f"{option} needs --collect DIR (where the images go)")
+        return None
+    from edgesqz.device.collect import Collector, CollectPolicy
+
+    no_policy = c.every is None and c.unsure is None and c.margin is None and not c.events
+    policy = CollectPolicy(every_s=30.0 if no_policy else c.every, unsure_below=c.unsure, margin_below=c.margin,
+                           on_event=c.events, max_files=2000 if c.max_files is None else c.max_files,
+                           max_mb=500.0 if c.max_mb is None else c.max_mb)
+    collector = Collector(c.dir, policy, say=info)
+    collector.labels = classifier.labels
+    what = [f"every {policy.every_s:g} s" if policy.every_s else "", f"top-1 < {c.unsure:g}" if c.unsure else "",
+            f"top-1/top-2 margin < {c.margin:g}" if c.margin else "", "at each event start" if c.events else ""]
+    info(f"collect: saving frames to {collector.folder} ({', '.join(w for w in what if w)}; near-duplicates skipped; "
+         f"at most {policy.max_files} images, {policy.max_mb:g} MB)")
+    return collector
 
 
 class _FrameTap:

@@ -412,7 +412,9 @@ class _App:
     """What the request handler needs: the hub, the rules, and the status."""
 
     def __init__(self, hub: _Hub, *, token: str | None, timeout: float, local_only: bool,
-                 status: Callable[[], dict[str, Any]], snapshot: Callable[[str], bytes | None]) -> None:
+                 status: Callable[[], dict[str, Any]], snapshot: Callable[[str], bytes | None],
+                 collect: Callable[[str, str | None, str | None], str] | None = None) -> None:
+        self.collect = collect
         self.hub = hub
         self.snapshot = snapshot
         self.token = token.encode() if token is not None else None
@@ -471,8 +473,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.request_version == "HTTP/0.9":
             self.send_error(HTTPStatus.BAD_REQUEST, "HTTP/0.9 is not supported")
+        elif self.command == "POST" and urlsplit(self.path).path == "/collect":
+            self._dispatch()
         elif self.command not in ("GET", "HEAD"):
-            self._text(HTTPStatus.METHOD_NOT_ALLOWED, "only GET and HEAD", [("Allow", "GET, HEAD")])
+            self._text(HTTPStatus.METHOD_NOT_ALLOWED, "only GET and HEAD (and POST /collect)", [("Allow", "GET, HEAD")])
         else:
             self._dispatch()
 
@@ -513,6 +517,9 @@ class _Handler(BaseHTTPRequestHandler):
                                              "address); open it as http://localhost:PORT/")
             return
         if not self._authorised(query.get("token")):
+            return
+        if self.command == "POST":
+            self._collect(query)
             return
         handler = self.ROUTES.get(url.path) or ("_snapshot" if url.path.startswith("/snapshot/") else None)
         if handler is None:
@@ -579,6 +586,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _status(self) -> None:
         self._body(HTTPStatus.OK, dumps(self.server.app.status()).encode(), "application/json")
+
+    def _collect(self, query: dict[str, str]) -> None:
+        """``POST /collect?label=L[&camera=C][&zone=Z]`` with ``X-Edgesqz: collect``: save the newest frame under L."""
+        if self.headers.get("X-Edgesqz", "") != "collect":  # a cross-site form cannot send it (CORS preflight)
+            self._text(HTTPStatus.FORBIDDEN, "send the header X-Edgesqz: collect")
+            return
+        collect = self.server.app.collect
+        if collect is None:
+            self._text(HTTPStatus.NOT_FOUND, "this run does not collect images; start it with --collect DIR")
+            return
+        try:
+            saved = collect(query.get("label", ""), query.get("camera") or None, query.get("zone") or None)
+        except EdgesqzError as exc:
+            self._text(HTTPStatus.BAD_REQUEST, str(exc))
+            return
+        self._body(HTTPStatus.OK, dumps({"saved": saved}).encode(), "application/json")
 
     def _frame(self) -> None:
         jpeg = self.server.app.hub.latest_frame()
@@ -679,8 +702,9 @@ class ServeSink(Sink):
         self._thread: threading.Thread | None = None
         self._closed = False
         family, sockaddr = _resolve(host, port)
+        self.collector: Any = None  # run --collect: the page's "save as" control saves through it
         app = _App(self._hub, token=token, timeout=timeout, local_only=_is_loopback(sockaddr[0]), status=self.status,
-                   snapshot=self.snapshot)
+                   snapshot=self.snapshot, collect=self._collect)
         try:
             self._server = _Server(sockaddr, family, app, max_connections=2 * max_viewers + 16)
         except OSError as exc:
@@ -733,6 +757,11 @@ class ServeSink(Sink):
                     self._snapshots.popitem(last=False)
         self._hub.publish_event(dumps(record))
 
+    def _collect(self, label: str, camera: str | None, zone: str | None) -> str:
+        if self.collector is None:
+            raise EdgesqzError("this run does not collect images; start it with --collect DIR")
+        return self.collector.save_as(label, camera=camera, zone=zone)
+
     def snapshot(self, event_id: str) -> bytes | None:
         """The JPEG of a recent event's best frame, or None."""
         with self._events_lock:
@@ -784,6 +813,8 @@ class ServeSink(Sink):
             events=events,
             **({"cameras": [c.status() for c in pipeline.cameras]}
                if pipeline is not None and getattr(pipeline, "multi", False) else {}),
+            **({"collect": {"folder": str(self.collector.folder), "saved": self.collector.saved,
+                            "labels": sorted(self.collector.known_labels())}} if self.collector is not None else {}),
         )
 
 

@@ -187,8 +187,41 @@ function showStatus(s) {
     ["source", s.source],
     ...(s.cameras || []).map((c) => [`camera ${c.name}`, `${c.state}, ${c.frames} frames` +
       (c.zones.length ? `, zones ${c.zones.join(", ")}` : "") + (c.error ? ` (${c.error})` : "")])]);
+  if (s.collect) {
+    $("collect").hidden = false;
+    const known = s.collect.labels.join("\n");
+    if ($("collect-labels").dataset.known !== known) {
+      $("collect-labels").dataset.known = known;
+      const option = (value, text) => Object.assign(document.createElement("option"), { value, textContent: text });
+      $("collect-labels").replaceChildren(...s.collect.labels.map((l) => option(l, l)));
+    }
+    const zones = [...scopes.keys()];
+    const select = $("collect-zone");
+    if (select.dataset.zones !== zones.join(",")) {
+      select.dataset.zones = zones.join(",");
+      const option = (value, text) => Object.assign(document.createElement("option"), { value, textContent: text });
+      select.replaceChildren(...(zones.length ? zones.map((z) => option(z, z)) : [option("", "whole frame")]));
+    }
+  }
   if (!s.running && s.summary) finish(s.summary);
 }
+
+$("collect").addEventListener("submit", async (e) => {
+  e.preventDefault();
+  const label = $("collect-label").value.trim();
+  const scope = $("collect-zone").value;
+  const [camera, zone] = scope.includes("/") ? scope.split("/") : [scope, ""];
+  const params = new URLSearchParams({ label });
+  if (camera) params.set("camera", camera);
+  if (zone) params.set("zone", zone);
+  const target = `${url("collect")}${token ? "&" : "?"}${params}`;
+  try {
+    const res = await fetch(target, { method: "POST", headers: { "X-Edgesqz": "collect" } });
+    $("collect-result").textContent = res.ok ? `saved ${(await res.json()).saved}` : `not saved: ${await res.text()}`;
+  } catch (err) {
+    $("collect-result").textContent = `not saved: ${err}`;
+  }
+});
 
 async function poll() {
   try {
@@ -262,6 +295,14 @@ BODY = """
       <h2>Events</h2>
       <ol id="events"></ol>
     </div>
+    <form id="collect" hidden>
+      <h2>Save this frame</h2>
+      <input id="collect-label" list="collect-labels" placeholder="label" required maxlength="64" autocomplete="off">
+      <datalist id="collect-labels"></datalist>
+      <select id="collect-zone"></select>
+      <button type="submit">Save as label</button>
+      <p id="collect-result" class="note"></p>
+    </form>
     <h2>Model</h2>
     <dl id="model" class="facts"></dl>
     <h2>Device</h2>

@@ -314,7 +314,8 @@ def classify(
         if json_lines:
             typer.echo(dumps(record("classification", source=str(path), frame=i, image=str(path),
                                     timestamp=round(timestamp, 6), top_k=top,
-                                    latency_ms={k: round(v, 3) for k, v in latency.items()})))
+                                    latency_ms={k: round(v, 3) for k, v in latency.items()},
+                                    model=classifier.identity)))
         rows.append((str(path), top, latency["inference"]))
     if not json_lines and rows:
         _print_table(rows)

@@ -21,7 +21,7 @@ from conftest import video_frames
 
 CLI_BOOT = ("import typer; from edgesqz.device.cli import register; "
             "app = typer.Typer(pretty_exceptions_enable=False); register(app); app()")
-CLASSIFICATION_KEYS = {"schema", "kind", "source", "frame", "timestamp", "top_k", "latency_ms"}
+CLASSIFICATION_KEYS = {"schema", "kind", "source", "frame", "timestamp", "top_k", "latency_ms", "model"}
 LATENCY_KEYS = {"preprocess", "inference", "postprocess", "end_to_end"}
 
 
@@ -64,6 +64,7 @@ def jsonl(text: str) -> list[dict]:
 
 def check_classification(obj: dict, k: int) -> None:
     assert set(obj) - {"image"} == CLASSIFICATION_KEYS, obj.keys()
+    assert set(obj["model"]) == {"name", "sha256", "version"} and len(obj["model"]["sha256"]) == 12
     assert obj["schema"] == "edgesqz/1" and obj["kind"] == "classification"
     assert isinstance(obj["frame"], int) and obj["frame"] >= 0
     assert abs(obj["timestamp"] - time.time()) < 600

@@ -109,7 +109,12 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
     check_distinct([("--output", cfg.output), ("--record", cfg.record)])
     sinks: list[Sink] = []
     if cfg.record is not None:
-        sinks.append(VideoRecordSink(cfg.record, force=cfg.force, inputs=inputs))
+        if len(cfg.cameras) > 1:  # one video per camera: NAME.CAMERA.mp4
+            for cam in cfg.cameras:
+                path = cfg.record.with_name(f"{cfg.record.stem}.{cam.name}{cfg.record.suffix}")
+                sinks.append(VideoRecordSink(path, force=cfg.force, inputs=inputs, camera=cam.name))
+        else:
+            sinks.append(VideoRecordSink(cfg.record, force=cfg.force, inputs=inputs))
     output = cfg.output
     if output is not None:
         output = check_output(output, force=cfg.force, what="--output", option="--output", inputs=inputs,
@@ -182,7 +187,7 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
                                                       if any(details) else ""))
     if any((c.width or c.height) for c in cfg.cameras) and not any(c.source.live for c in cameras):
         info("note: --width/--height are requests to a camera; files are read at their own size")
-    recorder = next((sink for sink in sinks if isinstance(sink, VideoRecordSink)), None)
+    recorders = [sink for sink in sinks if isinstance(sink, VideoRecordSink)]
     try:
         with contextlib.ExitStack() as background:
             if cfg.watch_model:
@@ -191,12 +196,14 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
     except EdgesqzError:
         if pipeline.summary.frames:  # e.g. the camera went away after a while: still say what was done
             info(pipeline.summary.describe())
-            if recorder is not None and recorder.saved:
-                info(f"recorded {cfg.record} ({recorder.frames} frames before the error)")
+            for recorder in recorders:
+                if recorder.saved:
+                    info(f"recorded {recorder.path} ({recorder.frames} frames before the error)")
         raise
     info(summary.describe())
-    if recorder is not None:
-        info(f"recorded {cfg.record} ({recorder.frames} frames)" if recorder.saved else "nothing recorded (no frames)")
+    for recorder in recorders:
+        info(f"recorded {recorder.path} ({recorder.frames} frames)" if recorder.saved
+             else f"nothing recorded in {recorder.path} (no frames)")
     return summary
 
 

@@ -293,7 +293,9 @@ class VideoRecordSink(Sink):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, fps: float | None = None, queue_size: int = 16,
-                 force: bool = False, inputs: Sequence[tuple[str, str | os.PathLike[str] | None]] = ()) -> None:
+                 force: bool = False, inputs: Sequence[tuple[str, str | os.PathLike[str] | None]] = (),
+                 camera: str | None = None) -> None:
+        self.camera = camera  # several cameras: one recording each, of this camera's frames
         self.codec = record_codec(Path(path))
         self.path = check_output(path, force=force, what="--record", option="--record", inputs=inputs,
                                  create_parents=False, special_ok=False)
@@ -308,7 +310,10 @@ class VideoRecordSink(Sink):
 
     def open(self, pipeline: Pipeline | None = None) -> None:
         if self.fps is None:
-            self.fps = (pipeline.source.fps if pipeline is not None else None) or DEFAULT_RECORD_FPS
+            source = pipeline.source if pipeline is not None else None
+            if pipeline is not None and self.camera is not None:
+                source = next((c.source for c in pipeline.cameras if c.name == self.camera), source)
+            self.fps = (source.fps if source is not None else None) or DEFAULT_RECORD_FPS
         self._pending = PendingFile(self.path, force=self.force)
         self._thread = threading.Thread(target=self._run, name="edgesqz-record", daemon=True)
         self._thread.start()
@@ -316,6 +321,8 @@ class VideoRecordSink(Sink):
     def write(self, result: Result) -> None:
         if self._error is not None:
             self.stop_requested, self.stop_reason = True, "record_failed"
+            return
+        if self.camera is not None and result.camera != self.camera:
             return
         self._queue.put(result)
 

@@ -169,8 +169,11 @@ def test_two_sources_in_one_process_and_one_that_never_opens(model: Path, videos
     out = tmp_path / "two.jsonl"
     p = edgesqz("run", "--model", model, "--source", f"desk={videos['pair']}", "--source",
                 f"shed={videos['rocket']}", "--source", f"gate=rtsp://127.0.0.1:{dead}/live", "--reconnect", "1",
-                "--fps", 30, "--threads", 1, "-o", out, timeout=120)
+                "--fps", 30, "--threads", 1, "-o", out, "--record", tmp_path / "rec.mp4", timeout=120)
     assert p.returncode == 0, p.stderr
+    # one recording per camera that delivered frames
+    assert (tmp_path / "rec.desk.mp4").stat().st_size > 0 and (tmp_path / "rec.shed.mp4").stat().st_size > 0
+    assert not (tmp_path / "rec.gate.mp4").exists() and not (tmp_path / "rec.mp4").exists()
     objs = jsonl(out)
     rows = _classifications(objs)
     by_camera = {name: [r for r in rows if r["camera"] == name] for name in ("desk", "shed", "gate")}

@@ -106,6 +106,7 @@ class EventSink(Sink):
         self.scopes: list[tuple[str | None, str | None]] = [(None, None)]
         self.cameras: list[Any] = []  # the pipeline's CameraRun objects
         self.source: str | None = None
+        self.model_identity: dict[str, Any] | None = None
         self.model: str | None = None
         self.fps: float | None = None
         self.events_started = 0
@@ -159,12 +160,17 @@ class EventSink(Sink):
         for rule in self.rules:
             resolve_indices(rule, labels, classes)
 
-    def relabel(self, labels: list[str] | None, classes: int) -> None:
+    def relabel(self, labels: list[str] | None, classes: int, identity: dict[str, Any] | None = None) -> None:
+        """A new model (hot swap, between two frames): the rules on its labels, the outputs told."""
         for detector in self.detectors.values():
             detector.relabel(labels, classes)
+        if identity is not None:
+            self.model_identity = identity
         for output in self._opened:
             if hasattr(output, "labels"):
                 output.labels = labels
+            if identity is not None and hasattr(output, "model_changed"):
+                output.model_changed(identity)
 
     def scope_rules(self, camera: str | None, zone: str | None) -> list[EventRule]:
         det = self.detectors.get((camera, zone))
@@ -179,6 +185,7 @@ class EventSink(Sink):
                 self.bind_pipeline(pipeline)
             self.source = pipeline.source.description
             self.model = pipeline.classifier.name
+            self.model_identity = pipeline.classifier.identity
             self.fps = pipeline.source.fps
         if self.detector is None:
             raise EdgesqzError("EventSink.bind(labels, classes) must be called when there is no pipeline")

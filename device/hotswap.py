@@ -141,7 +141,7 @@ class ModelSwapper:
     def _swapped(self, old: Any, new: Any) -> None:
         self.swapped += 1
         if self.events is not None:
-            self.events.relabel(new.labels, new.num_classes)
+            self.events.relabel(new.labels, new.num_classes, new.identity)
 
 
 class ModelWatcher:

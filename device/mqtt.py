@@ -46,7 +46,7 @@ from edgesqz._version import __version__
 from edgesqz.device.events import slug
 from edgesqz.device.eventsink import EventOutput
 from edgesqz.errors import EdgesqzError
-from edgesqz.schema import dumps
+from edgesqz.schema import dumps, record
 
 if TYPE_CHECKING:
     from edgesqz.device.events import Event, EventRule
@@ -148,6 +148,10 @@ class Topics:
     def camera_status(self, camera: str) -> str:
         return f"{self.base}/{camera}/status"
 
+    @property
+    def model(self) -> str:
+        return f"{self.base}/model"
+
 
 def discovery_messages(topics: Topics, rules: list[EventRule], *, discovery_prefix: str = DEFAULT_DISCOVERY,
                        model: str | None = None,
@@ -165,11 +169,15 @@ def discovery_messages(topics: Topics, rules: list[EventRule], *, discovery_pref
     common = {"availability_topic": topics.status, "payload_available": "online", "payload_not_available": "offline",
               "device": device, "origin": {"name": "edgesqz", "sw_version": __version__, "support_url": PROJECT_URL},
               "qos": 1}
+    model_sensor = (f"{discovery_prefix}/sensor/{node}/model/config", {
+        "name": "Model", "unique_id": f"{node}_model", "state_topic": topics.model,
+        "value_template": "{{ value_json.version or value_json.sha256 }}", "json_attributes_topic": topics.model,
+        "icon": "mdi:brain", "entity_category": "diagnostic", **common})
     if scopes is None or list(scopes) == [(None, None)]:
         out = [(f"{discovery_prefix}/sensor/{node}/label/config", {
             "name": "Label", "unique_id": f"{node}_label", "state_topic": topics.label,
             "value_template": "{{ value_json.label }}", "json_attributes_topic": topics.label, "icon": "mdi:cctv",
-            **common})]
+            **common}), model_sensor]
         for rule in rules:
             out.append((f"{discovery_prefix}/binary_sensor/{node}/{rule.slug}/config", {
                 "name": rule.name, "unique_id": f"{node}_{rule.slug}", "state_topic": topics.state(rule.slug),
@@ -178,7 +186,7 @@ def discovery_messages(topics: Topics, rules: list[EventRule], *, discovery_pref
         return out
     # Several cameras or zones: one label sensor per zone (and per camera without zones), the binary sensors of
     # the rules on it; each is available while the run is online AND its camera delivers frames.
-    out = []
+    out = [model_sensor]
     for scope, scope_rules in scopes.items():
         camera = scope[0]
         key = "_".join(slug(p) for p in scope if p)
@@ -364,6 +372,8 @@ class MqttOutput(EventOutput):
                 self._publish(key, states.get(key, "OFF"), retain=True)
         if label is not None:
             self._publish(self.topics.label, dumps(label), qos=0, retain=True)
+        if self.model_identity is not None:
+            self._publish(self.topics.model, self._model_payload(), retain=True)
         for scope, value in labels.items():
             self._publish(self.topics.zone_label(scope), dumps(value), qos=0, retain=True)
 
@@ -408,6 +418,7 @@ class MqttOutput(EventOutput):
         self.rules = list(sink.rules)
         self.labels = sink.detector.labels if sink.detector is not None else None
         self.model = sink.model
+        self.model_identity = sink.model_identity
         self.source = sink.source
         self.scopes = {scope: sink.scope_rules(*scope) for scope in sink.scopes}
         self._cameras = list(sink.cameras) if sink.scopes != [(None, None)] else []
@@ -437,6 +448,19 @@ class MqttOutput(EventOutput):
             payload = dumps(self._label)
         if self.connected.is_set():
             self._client.publish(self.topics.label, payload, qos=0, retain=True)
+
+    model_identity: dict[str, Any] | None = None
+
+    def _model_payload(self) -> str:
+        ident = self.model_identity or {}
+        return dumps(record("model_status", device=self.topics.device, state="running", **ident,
+                            time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+
+    def model_changed(self, identity: dict[str, Any]) -> None:
+        """A new model was swapped in: say which on PREFIX/DEVICE/model (retained; Home Assistant's Model sensor)."""
+        self.model_identity = identity
+        if self.connected.is_set():
+            self._publish(self.topics.model, self._model_payload(), retain=True)
 
     def _zone_labels(self, result: Result) -> None:
         """Each zone's current label (at most once a second per zone, when it changes); camera availability."""

@@ -729,6 +729,8 @@ class ServeSink(Sink):
         self._pipeline = pipeline
         self._facts = _facts(pipeline)
         self._encoder.cameras = list(getattr(pipeline, "cameras", [])) if pipeline is not None else []
+        if pipeline is not None and hasattr(pipeline, "on_swap"):  # a new model: the page says which
+            pipeline.on_swap.append(lambda _old, _new: self._facts.update(model=_facts(pipeline)["model"]))
         self._started = time.monotonic()
         self._encoder.start()
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.2},
@@ -840,7 +842,9 @@ def _facts(pipeline: Pipeline | None) -> dict[str, Any]:
         return {"device": device}
     clf = pipeline.classifier
     info = clf.runtime_info()
-    model = {"name": clf.name, "file": Path(info["model"]).name, "input_size": clf.spec.size,
+    ident = clf.identity
+    model = {"name": clf.name, "file": Path(info["model"]).name, "sha256": ident["sha256"],
+             "version": ident["version"], "input_size": clf.spec.size,
              "input_dtype": np.dtype(clf.spec.dtype).name,
              **{k: info[k] for k in ("output_kind", "classes", "backend", "backend_version", "threads", "delegate",
                                      "coverage")}}

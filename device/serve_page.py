@@ -175,7 +175,7 @@ function showStatus(s) {
   const m = s.model;
   const cov = m.coverage ? `${m.coverage.delegated_ops}/${m.coverage.total_ops} ops` : null;
   if (m.name) {
-    facts($("model"), [["model", m.name], ["file", m.file],
+    facts($("model"), [["model", m.name], ["file", m.file], ["sha256", m.sha256], ["version", m.version],
       ["input", `${m.input_size}x${m.input_size} ${m.input_dtype}`],
       ["output", `${m.output_kind}, ${m.classes} classes`], ["runtime", `${m.backend} ${m.backend_version}`],
       ["threads", m.threads], ["delegate", m.delegate || "CPU (XNNPACK)"], ["coverage", cov]]);

@@ -15,7 +15,7 @@ from edgesqz._version import __version__
 
 SCHEMA = "edgesqz/1"
 KINDS = ("classification", "run_summary", "convert_report", "compare_report", "bench_report", "model_info",
-         "doctor_report", "serve_status", "event", "collected")
+         "doctor_report", "serve_status", "event", "collected", "model_status")
 
 
 def record(kind: str, **fields: Any) -> dict[str, Any]:

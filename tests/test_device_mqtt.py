@@ -131,7 +131,7 @@ def test_discovery_payloads_follow_home_assistants_schema() -> None:
     rules = [EventRule.parse("espresso"), EventRule.parse(CAT), EventRule.parse("Parcel Box>=0.4")]
     configs = dict(discovery_messages(topics, rules, model="squeezenet1_1 int8"))
     found = check_home_assistant_discovery(configs, status_topic="home/cams/kitchen/status")
-    assert len(found["sensor"]) == 1 and len(found["binary_sensor"]) == 3
+    assert len(found["sensor"]) == 2 and len(found["binary_sensor"]) == 3  # the label and the model
     assert {c["state_topic"] for c in found["binary_sensor"]} == {
         "home/cams/kitchen/rule/espresso/state", "home/cams/kitchen/rule/cat/state",
         "home/cams/kitchen/rule/parcel_box/state"}

@@ -337,6 +337,9 @@ def test_mqtt_topics_and_home_assistant_entities_per_zone(model: Path, videos: d
         events = [m.json() for m in sub.on("site/pi1/event")]
         assert [e["state"] for e in events] == ["start", "end"] and events[0]["zone"] == "left"
         assert [m.payload for m in sub.on("site/pi1/desk/status")][-1] == b"unavailable"
+        model_status = sub.on("site/pi1/model")[-1].json()  # which model runs (Home Assistant's Model sensor)
+        assert model_status["kind"] == "model_status" and model_status["state"] == "running"
+        assert model_status["name"] == model.name and len(model_status["sha256"]) == 12
         configs = {m.topic: m.json() for m in sub.messages if m.topic.startswith("homeassistant/") and m.payload}
         sensor = configs["homeassistant/sensor/edgesqz_pi1/desk_left_label/config"]
         assert sensor["state_topic"] == f"{base}/left/label" and sensor["availability_mode"] == "all"

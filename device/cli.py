@@ -228,6 +228,10 @@ def run(
     device_id: Annotated[str | None, typer.Option(
         "--device-id", rich_help_panel=NOTIFY_PANEL,
         help="This camera's id in MQTT topics and events (default: the host name).")] = None,
+    trust: Annotated[Path | None, typer.Option(
+        "--trust", metavar="KEY.pub", rich_help_panel=NOTIFY_PANEL, readable=False,
+        help="With --mqtt: accept models deployed with `edgesqz deploy` and signed by this public key, and swap "
+             "them in without stopping (without --trust, remote deployment is off).")] = None,
     webhook: Annotated[list[str] | None, typer.Option(
         "--webhook", metavar="URL", rich_help_panel=NOTIFY_PANEL,
         help="POST each event start and end as JSON to this URL (repeatable); retried with back-off, in the "
@@ -248,7 +252,7 @@ def run(
         "events.rules": event, "events.start": event_start, "events.end": event_end,
         "events.snapshot_dir": snapshot_dir, "events.clip_dir": clip_dir, "events.preroll": preroll,
         "events.keep": keep, "events.max_disk": max_disk, "mqtt.url": mqtt, "mqtt.discovery": mqtt_discovery,
-        "mqtt.ca": mqtt_ca, "mqtt.device_id": device_id,
+        "mqtt.ca": mqtt_ca, "mqtt.device_id": device_id, "mqtt.trust": trust,
         "camera.width": width, "camera.height": height, "camera.fps": fps, "camera.loop": loop or None,
         "collect.dir": collect, "collect.every": collect_every, "collect.unsure": collect_unsure,
         "collect.margin": collect_margin, "collect.events": collect_events or None,

@@ -134,6 +134,7 @@ class MqttConfig:
     discovery: str | None = None
     ca: Path | None = None
     device_id: str | None = None
+    trust: Path | None = None  # accept models deployed over MQTT, signed by this public key (edgesqz deploy)
 
 
 @dataclass
@@ -469,7 +470,8 @@ def load_config(path: str | os.PathLike[str]) -> RunConfig:
     cfg.mqtt = MqttConfig(url=r.value(mq, "url", str, ("mqtt",)), password=r.value(mq, "password", str, ("mqtt",)),
                           discovery=r.value(mq, "discovery", str, ("mqtt",)),
                           ca=_path(r.value(mq, "ca", str, ("mqtt",)), base),
-                          device_id=r.value(mq, "device_id", str, ("mqtt",)))
+                          device_id=r.value(mq, "device_id", str, ("mqtt",)),
+                          trust=_path(r.value(mq, "trust", str, ("mqtt",)), base))
     co = r.table(data.get("collect", {}), ("collect",))
     r.check_keys(co, [f.name for f in dataclasses.fields(CollectConfig)], ("collect",))
     cfg.collect = CollectConfig(dir=_path(r.value(co, "dir", str, ("collect",)), base),

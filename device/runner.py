@@ -170,6 +170,9 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
         if events is not None:
             events.bind_pipeline(pipeline)  # zones and cameras: a rule naming no zone of this run fails now
         swapper = _swapper(cfg, pipeline, events, info)
+        receiver = _receiver(cfg, swapper, info)
+        if receiver is not None:
+            undo.callback(receiver.close)
         if cfg.watch_model:
             from edgesqz.device.hotswap import ModelWatcher
 
@@ -192,6 +195,8 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
         with contextlib.ExitStack() as background:
             if cfg.watch_model:
                 background.callback(watcher.close)
+            if receiver is not None:
+                background.callback(receiver.close)
             summary = pipeline.run()
     except EdgesqzError:
         if pipeline.summary.frames:  # e.g. the camera went away after a while: still say what was done
@@ -229,6 +234,28 @@ def _collector(cfg: RunConfig, classifier: Any, info: Callable[[str], None]) -> 
     info(f"collect: saving frames to {collector.folder} ({', '.join(w for w in what if w)}; near-duplicates skipped; "
          f"at most {policy.max_files} images, {policy.max_mb:g} MB)")
     return collector
+
+
+def _receiver(cfg: RunConfig, swapper: Any, info: Callable[[str], None]) -> Any:
+    """``--mqtt URL --trust KEY.pub``: models deployed to this device, verified, stored, swapped in."""
+    mq = cfg.mqtt
+    if mq.trust is None:
+        return None
+    if mq.url is None:
+        raise EdgesqzError("--trust needs --mqtt URL (the broker the models are deployed through)")
+    from edgesqz.device.events import slug
+    from edgesqz.device.eventsink import default_device_id
+    from edgesqz.device.fleet import ModelReceiver
+    from edgesqz.paths import default_model_path
+
+    def accept(path: Path, manifest: dict[str, Any]) -> str | None:
+        return swapper.offer(path, version=manifest.get("version"))
+
+    device = slug(mq.device_id) if mq.device_id else default_device_id()
+    receiver = ModelReceiver(mq.url, device=device, trust=mq.trust, models_dir=default_model_path().parent,
+                             accept=accept, password=mq.password, ca_file=mq.ca, say=info)
+    receiver.start()
+    return receiver
 
 
 class _FrameTap:

@@ -281,7 +281,8 @@ class _Pending:
     manifest: dict[str, Any]
     digest: bytes
     deadline: float
-    tried: int = -1  # the chunk generation last assembled (a mismatch waits for new chunks)
+    fingerprint: bytes = b""  # of the manifest message: a final refusal is not evaluated again
+    tried: int = -1  # the chunk generation last checked (a mismatch waits for new chunks)
     mismatch: bool = False
 
 
@@ -525,7 +526,7 @@ class ModelReceiver:
                     self.say(f"deploy: {pending.manifest['version']} (seq {pending.manifest['seq']}) is superseded "
                              f"by {manifest['version']} (seq {manifest['seq']})")
                 self._pending = _Pending(target, manifest, bytes.fromhex(manifest["sha256"]),
-                                         time.monotonic() + self.assemble_timeout)
+                                         time.monotonic() + self.assemble_timeout, fingerprint)
                 self._evict_unrelated()
                 reason = None
         if reason is not None:
@@ -590,11 +591,16 @@ class ModelReceiver:
             parts = [self._chunks.get((pending.target, i, pending.digest)) for i in range(m["chunks"])]
             complete = all(p is not None for p in parts)
             generation = self._generation
-            data = b"".join(p[0] for p in parts) if complete and generation != pending.tried else None  # type: ignore
-            if data is not None:
+            check = complete and generation != pending.tried
+            if check:
                 pending.tried = generation
-        if data is not None:
-            if len(data) == m["size"] and hashlib.sha256(data).hexdigest() == m["sha256"]:
+        if check:
+            # hash the chunks where they are; join them (one copy) only when they match
+            sha = hashlib.sha256()
+            for p in parts:
+                sha.update(p[0])  # type: ignore[index]
+            size = sum(len(p[0]) for p in parts)  # type: ignore[index]
+            if size == m["size"] and sha.hexdigest() == m["sha256"]:
                 with self._lock:
                     if self._pending is not pending:
                         return  # superseded meanwhile
@@ -603,7 +609,9 @@ class ModelReceiver:
                         old = self._chunks.pop((pending.target, i, pending.digest), None)
                         if old is not None:
                             self._held -= len(old[0])
-                self._install(m, data)
+                data = b"".join(p[0] for p in parts)  # type: ignore[index]
+                del parts
+                self._install(m, data, pending.fingerprint)
                 return
             pending.mismatch = True
         if now >= pending.deadline:
@@ -620,22 +628,25 @@ class ModelReceiver:
                 reason = f"only {have} of {m['chunks']} chunks arrived within {self.assemble_timeout:g} s"
             self._refuse(m, reason)
 
-    def _install(self, manifest: dict[str, Any], data: bytes) -> None:
+    def _install(self, manifest: dict[str, Any], data: bytes, fingerprint: bytes = b"") -> None:
         src = f"deployed model {manifest['version']}"
+        reason = None
         try:
             contract = check_model_bytes(data, src)
         except EdgesqzError as exc:
-            self._refuse(manifest, f"invalid model: {exc}")
-            return
-        diffs = contract_differences(contract, manifest["contract"])
-        if diffs:
-            self._refuse(manifest, "the model's input contract is not the manifest's: " + "; ".join(diffs))
-            return
-        if self.expected_contract is not None:
-            diffs = contract_differences(contract, self.expected_contract)
+            reason = f"invalid model: {exc}"
+        else:
+            diffs = contract_differences(contract, manifest["contract"])
             if diffs:
-                self._refuse(manifest, "a model for another input contract: " + "; ".join(diffs))
-                return
+                reason = "the model's input contract is not the manifest's: " + "; ".join(diffs)
+            elif self.expected_contract is not None:
+                diffs = contract_differences(contract, self.expected_contract)
+                if diffs:
+                    reason = "a model for another input contract: " + "; ".join(diffs)
+        if reason is not None:
+            self._refused.add(fingerprint)  # the same message again (a reconnection) is not checked again
+            self._refuse(manifest, reason)
+            return
         with self._lock:
             if manifest["seq"] <= self.last_seq:
                 return  # a newer one was accepted meanwhile
@@ -657,6 +668,7 @@ class ModelReceiver:
         except Exception as exc:
             verdict = f"the live check failed: {str(exc).strip().splitlines()[0] if str(exc).strip() else exc!r}"
         if verdict is not None:
+            self._refused.add(fingerprint)
             if path != self.current_path:
                 with contextlib.suppress(OSError):
                     path.unlink()

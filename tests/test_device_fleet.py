@@ -474,3 +474,63 @@ def test_broker_unreachable_is_one_line(keys: Path, home: Path, model_a: Path, t
     proc = cli("deploy", bad_model, "--mqtt", "mqtt://127.0.0.1:1/x", "--key", keys / "edgesqz.key", home=home,
                check=False)
     assert proc.returncode == 2 and "TFL3" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_full_disk_is_refused_with_nothing_half_written(broker: Broker, keys: Path, model_a: Path,
+                                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from edgesqz import fileio
+
+    real = fileio.atomic_write
+
+    def full(path: object, data: object, *, force: bool = True) -> None:
+        if str(path).endswith(".tflite"):
+            raise fileio.os_error(path, OSError(errno.ENOSPC, "No space left on device"))  # type: ignore[arg-type]
+        real(path, data, force=force)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fileio, "atomic_write", full)
+    prefix = new_prefix()
+    sub = Subscriber(broker.port, (f"{prefix}/+/model",))
+    try:
+        with Device(broker, prefix, "cam", keys, tmp_path) as dev:
+            _, chunks, man = deploy_messages(prefix, "_all", model_a.read_bytes(), private_key(keys), seq=1)
+            publish_raw(broker, [*chunks, *man])
+            assert_refused(dev, sub, prefix, "the disk is full")
+            assert not list(dev.folder.rglob("*.tflite*")) and dev.receiver.current is None
+    finally:
+        sub.close()
+
+
+def test_broker_away_mid_delivery(keys: Path, model_a: Path, model_b: Path, tmp_path: Path) -> None:
+    """Device: keeps waiting through a broker restart, the model in use unchanged; deployer: one error."""
+    from edgesqz.deploy import Connection
+
+    b = Broker(tmp_path).start()
+    prefix = new_prefix()
+    key = private_key(keys)
+    try:
+        with Device(b, prefix, "cam", keys, tmp_path) as dev:
+            _, chunks, man = deploy_messages(prefix, "_all", model_a.read_bytes(), key, seq=1, version="a")
+            publish_raw(b, [*chunks, *man])
+            dev.wait(lambda d: d.accepted)
+            _, chunks, man = deploy_messages(prefix, "_all", model_b.read_bytes(), key, seq=2, version="b")
+            publish_raw(b, [*chunks[:2], *man])  # the broker goes away mid-delivery
+            b.stop()
+            time.sleep(0.5)
+            assert len(dev.accepted) == 1 and dev.receiver.current["version"] == "a"
+            b.start()
+            assert dev.receiver.connected.wait(15)
+            publish_raw(b, [*chunks, *man])  # the deployer tries again
+            dev.wait(lambda d: len(d.accepted) == 2)
+            assert dev.receiver.current["version"] == "b"
+            assert any("lost the connection" in line for line in dev.said)
+        with Connection(f"{b.url}/{prefix}") as conn:
+            b.stop()
+            with pytest.raises(EdgesqzError, match="went away") as err:
+                for _ in range(50):
+                    conn.publish_all([(fleet.chunk_topic(prefix, "_all", 0), b"x" * 1000)], "the chunks")
+                    time.sleep(0.1)
+            assert err.value.exit_code == 1 and "higher seq supersedes" in str(err.value)
+    finally:
+        b.stop()

@@ -493,6 +493,8 @@ class ModelReceiver:
         fingerprint = hashlib.sha256(target.encode() + b"\0" + payload).digest()
         if fingerprint in self._refused:
             return  # refused before (a retained message seen again after a reconnection)
+        if len(self._refused) > 10_000:  # a flood of junk: forget (re-checking costs a signature check)
+            self._refused.clear()
         manifest: dict[str, Any] | None = None
         try:
             manifest = parse_manifest(payload)
@@ -525,9 +527,9 @@ class ModelReceiver:
                 if pending is not None:
                     self.say(f"deploy: {pending.manifest['version']} (seq {pending.manifest['seq']}) is superseded "
                              f"by {manifest['version']} (seq {manifest['seq']})")
+                # chunks of other deploys stay (within max_bytes): a newer manifest may follow
                 self._pending = _Pending(target, manifest, bytes.fromhex(manifest["sha256"]),
                                          time.monotonic() + self.assemble_timeout, fingerprint)
-                self._evict_unrelated()
                 reason = None
         if reason is not None:
             self._refuse(manifest, reason)
@@ -539,7 +541,7 @@ class ModelReceiver:
         with self._lock:
             pending = self._pending
             if pending is not None and pending.target == target and pending.digest == digest:
-                if index >= pending.manifest["chunks"]:
+                if index >= pending.manifest["chunks"] or len(data) > pending.manifest["chunk_size"]:
                     return
             elif len(data) > MAX_CHUNK_SIZE:
                 return

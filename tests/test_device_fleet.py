@@ -367,15 +367,17 @@ def test_rollback_and_status(broker: Broker, keys: Path, home: Path, model_a: Pa
 
 def test_concurrent_deploys_higher_seq_wins(broker: Broker, keys: Path, model_a: Path, model_b: Path,
                                             tmp_path: Path) -> None:
-    prefix = new_prefix()
     key = private_key(keys)
-    with Device(broker, prefix, "cam", keys, tmp_path) as dev:
-        _, chunks_a, man_a = deploy_messages(prefix, "_all", model_a.read_bytes(), key, seq=100, version="a")
-        _, chunks_b, man_b = deploy_messages(prefix, "cam", model_b.read_bytes(), key, seq=200, version="b")
-        publish_raw(broker, [*chunks_b, *chunks_a, *man_b, *man_a])
-        dev.wait(lambda d: d.accepted)
-        time.sleep(1.0)
-        assert [m["version"] for _, m, _ in dev.accepted] == ["b"]
+    for order in ("newer manifest first", "older manifest first"):
+        prefix = new_prefix()
+        with Device(broker, prefix, "cam", keys, tmp_path / order) as dev:
+            _, chunks_a, man_a = deploy_messages(prefix, "_all", model_a.read_bytes(), key, seq=100, version="a")
+            _, chunks_b, man_b = deploy_messages(prefix, "cam", model_b.read_bytes(), key, seq=200, version="b")
+            manifests = [*man_b, *man_a] if order == "newer manifest first" else [*man_a, *man_b]
+            publish_raw(broker, [*chunks_b, *chunks_a, *manifests])
+            dev.wait(lambda d: d.receiver.current and d.receiver.current["version"] == "b")
+            time.sleep(0.5)
+            assert dev.accepted[-1][1]["version"] == "b" and dev.receiver.current["seq"] == 200, order
 
 
 # --------------------------------------------------------------------------- refusals

@@ -299,6 +299,19 @@ def publish_model(conn: Connection, history: History, data: bytes, contract: dic
         say(f"deploy: {version} ({len(data)} bytes, {n} chunk{'s' if n != 1 else ''}, sha256 {sha[:12]}, seq {seq}) "
             f"-> {fleet.deploy_topic(conn.prefix, target)}")
         conn.publish_all(chunks, f"the chunks for {target}")
+        # a newer deploy published meanwhile: ours must not replace its retained manifest (devices that are
+        # offline now would get the older model when they come back)
+        now = conn.read_retained([fleet.deploy_topic(conn.prefix, target)], wait=0.2, most=2.0)
+        for payload in now.values():
+            try:
+                other = fleet.parse_manifest(payload)
+            except EdgesqzError:
+                continue
+            if other["seq"] > seq:
+                raise EdgesqzError(f"a newer deploy ({other['version']}, seq {other['seq']}) reached {target} "
+                                   f"while this one (seq {seq}) was publishing; this one is dropped (its chunks "
+                                   "may have replaced some of the newer deploy's: deploy the newer one again)",
+                                   exit_code=1)
         conn.publish_all([(fleet.deploy_topic(conn.prefix, target), json.dumps(signed).encode())],
                          f"the manifest for {target}")
         stale = [t for t in retained if t.startswith(f"{fleet.deploy_topic(conn.prefix, target)}/chunk/")

@@ -167,6 +167,11 @@ class Device:
             time.sleep(0.05)
         raise AssertionError(f"not within {timeout} s; accepted {[m for _, m, _ in self.accepted]}, said {self.said}")
 
+    def wait_taken(self, n: int, timeout: float = 15.0) -> None:
+        """Until accept was called n times and the n-th deploy is saved as the one in use (it is reported then)."""
+        self.wait(lambda d: len(d.accepted) >= n and d.receiver.current is not None
+                  and d.receiver.current["seq"] == d.accepted[n - 1][1]["seq"], timeout)
+
     def stored(self) -> list[Path]:
         return sorted((self.folder / fleet.DEPLOYED_DIR).glob("*.tflite"))
 
@@ -323,6 +328,7 @@ def test_deploy_reaches_running_and_later_devices_not_others(broker: Broker, key
         with Device(broker, prefix, "cam_1", keys, tmp_path / "later") as late:
             late.wait(lambda d: d.accepted)
             assert late.accepted[0][2] == model_a.read_bytes()
+            sub.wait_for(lambda ms: sum(m.topic == fleet.status_topic(prefix, "cam_1") for m in ms) == 2)
         # a restarted device does not take (nor report) the deploy it already has
         sub.clear()
         with Device(broker, prefix, "cam_1", keys, tmp_path) as again:
@@ -341,14 +347,14 @@ def test_rollback_and_status(broker: Broker, keys: Path, home: Path, model_a: Pa
     with Device(broker, prefix, "pi_a", keys, tmp_path) as a, Device(broker, prefix, "pi_b", keys, tmp_path) as b:
         cli("deploy", model_a, "--mqtt", url, "--key", key, "--version", "first", home=home)
         for d in (a, b):
-            d.wait(lambda d: len(d.accepted) == 1)
+            d.wait_taken(1)
         cli("deploy", model_b, "--mqtt", url, "--key", key, home=home)
         for d in (a, b):
-            d.wait(lambda d: len(d.accepted) == 2)
+            d.wait_taken(2)
         proc = cli("deploy", "--rollback", "--mqtt", url, "--key", key, home=home)
         assert "first" in proc.stdout
         for d in (a, b):
-            d.wait(lambda d: len(d.accepted) == 3)
+            d.wait_taken(3)
             (_, m1, d1), (_, m2, d2), (_, m3, d3) = d.accepted
             assert d3 == d1 == model_a.read_bytes() and d2 == model_b.read_bytes()
             assert m3["version"] == "first" and m1["seq"] < m2["seq"] < m3["seq"]
@@ -445,8 +451,8 @@ def test_replay_is_refused(broker: Broker, keys: Path, model_a: Path, model_b: P
         _, chunks, man = deploy_messages(prefix, "_all", model_a.read_bytes(), key, seq=10, version="new")
         with Device(broker, prefix, "cam", keys, tmp_path) as dev:
             publish_raw(broker, [*chunks, *man])
-            dev.wait(lambda d: d.accepted)
-            assert status_of(sub, prefix, "cam")["state"] == "accepted"
+            dev.wait_taken(1)
+            sub.wait_for(lambda ms: any(m.json()["state"] == "accepted" for m in ms))
             sub.clear()
             dev.said.clear()
             publish_raw(broker, [*old_chunks, *old_man])  # a replay of an older, validly signed deploy
@@ -515,7 +521,7 @@ def test_broker_away_mid_delivery(keys: Path, model_a: Path, model_b: Path, tmp_
         with Device(b, prefix, "cam", keys, tmp_path) as dev:
             _, chunks, man = deploy_messages(prefix, "_all", model_a.read_bytes(), key, seq=1, version="a")
             publish_raw(b, [*chunks, *man])
-            dev.wait(lambda d: d.accepted)
+            dev.wait_taken(1)
             _, chunks, man = deploy_messages(prefix, "_all", model_b.read_bytes(), key, seq=2, version="b")
             publish_raw(b, [*chunks[:2], *man])  # the broker goes away mid-delivery
             b.stop()
@@ -524,7 +530,7 @@ def test_broker_away_mid_delivery(keys: Path, model_a: Path, model_b: Path, tmp_
             b.start()
             assert dev.receiver.connected.wait(15)
             publish_raw(b, [*chunks, *man])  # the deployer tries again
-            dev.wait(lambda d: len(d.accepted) == 2)
+            dev.wait_taken(2)
             assert dev.receiver.current["version"] == "b"
             assert any("lost the connection" in line for line in dev.said)
         with Connection(f"{b.url}/{prefix}") as conn:
@@ -536,3 +542,31 @@ def test_broker_away_mid_delivery(keys: Path, model_a: Path, model_b: Path, tmp_
             assert err.value.exit_code == 1 and "higher seq supersedes" in str(err.value)
     finally:
         b.stop()
+
+
+def test_older_deploy_does_not_replace_a_newer_manifest(broker: Broker, keys: Path, model_a: Path, model_b: Path,
+                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two deploys at once: the one with the lower seq, finishing last, does not overwrite the retained manifest."""
+    from edgesqz import deploy as deploy_mod
+
+    prefix = new_prefix()
+    newer, newer_chunks, newer_man = deploy_messages(prefix, "_all", model_b.read_bytes(), private_key(keys),
+                                                     seq=1 << 60, version="newer")
+    real = deploy_mod.Connection.publish_all
+
+    def publish_all(self, messages, what):  # type: ignore[no-untyped-def]
+        real(self, messages, what)
+        if what.startswith("the chunks"):  # the other deploy completes while this one publishes
+            publish_raw(broker, [*newer_chunks, *newer_man])
+
+    monkeypatch.setattr(deploy_mod.Connection, "publish_all", publish_all)
+    with pytest.raises(EdgesqzError, match="a newer deploy") as err:
+        deploy_mod.deploy(model_a, f"{broker.url}/{prefix}", keys / "edgesqz.key", say=lambda m: None,
+                          folder=tmp_path / "history")
+    assert err.value.exit_code == 1
+    sub = Subscriber(broker.port, (fleet.deploy_topic(prefix, "_all"),))
+    try:
+        sub.wait_for(lambda ms: bool(ms), 10)
+        assert sub.messages[-1].json()["seq"] == newer["seq"]
+    finally:
+        sub.close()

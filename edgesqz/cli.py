@@ -36,6 +36,16 @@ def _register_device_commands() -> None:
 _register_device_commands()
 
 
+def _register_deploy_commands() -> None:
+    """``keys new`` and ``deploy`` (signed models over MQTT; edgesqz/deploy.py)."""
+    from edgesqz.deploy import register
+
+    register(app)
+
+
+_register_deploy_commands()
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"edgesqz {__version__}")

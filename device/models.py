@@ -23,6 +23,7 @@ ORIGINS = {
     "env": "EDGESQZ_MODEL",
     "latest": "the model edgesqz convert wrote last",
     "packaged": "the default model installed with edgesqz",
+    "deployed": "the model last deployed to this device (edgesqz deploy; run --trust)",
 }
 
 

@@ -372,7 +372,7 @@ class MqttOutput(EventOutput):
                 self._publish(key, states.get(key, "OFF"), retain=True)
         if label is not None:
             self._publish(self.topics.label, dumps(label), qos=0, retain=True)
-        if self.model_identity is not None:
+        if self.model_identity is not None and self.publish_model:
             self._publish(self.topics.model, self._model_payload(), retain=True)
         for scope, value in labels.items():
             self._publish(self.topics.zone_label(scope), dumps(value), qos=0, retain=True)
@@ -450,6 +450,7 @@ class MqttOutput(EventOutput):
             self._client.publish(self.topics.label, payload, qos=0, retain=True)
 
     model_identity: dict[str, Any] | None = None
+    publish_model = True  # False with run --trust: the fleet receiver reports on PREFIX/DEVICE/model
 
     def _model_payload(self) -> str:
         ident = self.model_identity or {}
@@ -459,7 +460,7 @@ class MqttOutput(EventOutput):
     def model_changed(self, identity: dict[str, Any]) -> None:
         """A new model was swapped in: say which on PREFIX/DEVICE/model (retained; Home Assistant's Model sensor)."""
         self.model_identity = identity
-        if self.connected.is_set():
+        if self.connected.is_set() and self.publish_model:
             self._publish(self.topics.model, self._model_payload(), retain=True)
 
     def _zone_labels(self, result: Result) -> None:

@@ -14,6 +14,7 @@ recording, web page, events with MQTT and webhooks) and runs the :class:`Pipelin
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import sys
 from collections.abc import Callable
@@ -101,6 +102,9 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
     from edgesqz.fileio import check_distinct, check_output
 
     choice = choose_model(cfg.model)
+    receiver, swap_to = _receiver(cfg, info)  # with --trust: the model last deployed here runs from the start
+    if receiver is not None and receiver.current_path is not None:
+        choice = ModelChoice(receiver.current_path, "deployed")
     # Outputs are checked before anything is opened: never an input, never an existing file without --force.
     inputs: list[tuple[str, Any]] = [("--model", choice.path), ("--labels", cfg.labels)]
     inputs += [("--source", cam.source) for cam in cfg.cameras if cam.source is not None and "://" not in cam.source]
@@ -132,6 +136,8 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
                                      threshold=cfg.threshold, labels=cfg.labels, crop_fraction=cfg.crop_fraction,
                                      color_order=cfg.color_order, mean=cfg.mean, std=cfg.std,
                                      output_kind=cfg.output_kind, info=info)
+        if choice.origin == "deployed":
+            classifier.version = (receiver.current or {}).get("version")
         window = False
         if cfg.display:
             window, why = display_status()
@@ -170,8 +176,13 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
         if events is not None:
             events.bind_pipeline(pipeline)  # zones and cameras: a rule naming no zone of this run fails now
         swapper = _swapper(cfg, pipeline, events, info)
-        receiver = _receiver(cfg, swapper, info)
         if receiver is not None:
+            swap_to.append(swapper)
+            for output in events.outputs if events is not None else ():
+                if hasattr(output, "publish_model"):
+                    output.publish_model = False  # the receiver reports on PREFIX/DEVICE/model
+            swapper.on_result = functools.partial(_report_local_swap, receiver)
+            receiver.start()
             undo.callback(receiver.close)
         if cfg.watch_model:
             from edgesqz.device.hotswap import ModelWatcher
@@ -236,11 +247,19 @@ def _collector(cfg: RunConfig, classifier: Any, info: Callable[[str], None]) -> 
     return collector
 
 
-def _receiver(cfg: RunConfig, swapper: Any, info: Callable[[str], None]) -> Any:
-    """``--mqtt URL --trust KEY.pub``: models deployed to this device, verified, stored, swapped in."""
+def _report_local_swap(receiver: Any, path: Path, identity: dict[str, Any] | None, reason: str | None) -> None:
+    """A model swapped in (or refused) on this device: the receiver's report says so on PREFIX/DEVICE/model."""
+    if identity is not None:
+        receiver.report("running", {"name": identity["name"], "version": identity["version"]}, None)
+    else:
+        receiver.report("refused", {"name": Path(path).name}, reason)
+
+
+def _receiver(cfg: RunConfig, info: Callable[[str], None]) -> tuple[Any, list[Any]]:
+    """``--mqtt URL --trust KEY.pub``: models deployed to this device, verified, stored, swapped in (not started)."""
     mq = cfg.mqtt
     if mq.trust is None:
-        return None
+        return None, []
     if mq.url is None:
         raise EdgesqzError("--trust needs --mqtt URL (the broker the models are deployed through)")
     from edgesqz.device.events import slug
@@ -248,14 +267,17 @@ def _receiver(cfg: RunConfig, swapper: Any, info: Callable[[str], None]) -> Any:
     from edgesqz.device.fleet import ModelReceiver
     from edgesqz.paths import default_model_path
 
+    swap_to: list[Any] = []  # the run's ModelSwapper, once the pipeline exists
+
     def accept(path: Path, manifest: dict[str, Any]) -> str | None:
-        return swapper.offer(path, version=manifest.get("version"))
+        if not swap_to:
+            return "the run is starting; deploy again in a moment"
+        return swap_to[0].offer(path, version=manifest.get("version"))
 
     device = slug(mq.device_id) if mq.device_id else default_device_id()
     receiver = ModelReceiver(mq.url, device=device, trust=mq.trust, models_dir=default_model_path().parent,
                              accept=accept, password=mq.password, ca_file=mq.ca, say=info)
-    receiver.start()
-    return receiver
+    return receiver, swap_to
 
 
 class _FrameTap:

@@ -78,6 +78,47 @@ def run(args: list[str], env: dict[str, str] | None = None) -> dict:
             "classifications": classified, "cameras": summary.get("cameras")}
 
 
+def interpreter_sharing(model: str | None, seconds: float = 4.0) -> dict:
+    """Two cameras' frames through one interpreter with 2 threads (sequential invokes, what ``run`` does) vs two
+    interpreters with 1 thread each, one per camera thread in parallel: frames per second in all, interleaved."""
+    import threading
+
+    from edgesqz.device.classifier import Classifier
+    from edgesqz.device.models import packaged_model
+
+    path = model or str(packaged_model())
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, (480, 640, 3), np.uint8)
+    shared = Classifier(path, threads=2)
+    pair = [Classifier(path, threads=1) for _ in range(2)]
+    tensor = shared.prepare(frame)
+    results: dict[str, list[float]] = {"one_interpreter_2_threads": [], "two_interpreters_1_thread": []}
+    for _ in range(3):
+        t0, n = time.perf_counter(), 0
+        while time.perf_counter() - t0 < seconds:
+            shared.infer(tensor)
+            n += 1
+        results["one_interpreter_2_threads"].append(n / (time.perf_counter() - t0))
+        counts = [0, 0]
+        stop = threading.Event()
+
+        def loop(i: int) -> None:
+            while not stop.is_set():
+                pair[i].infer(tensor)
+                counts[i] += 1
+
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(2)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        time.sleep(seconds)
+        stop.set()
+        for t in threads:
+            t.join()
+        results["two_interpreters_1_thread"].append(sum(counts) / (time.perf_counter() - t0))
+    return {k: round(float(np.median(v)), 1) for k, v in results.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -121,7 +162,10 @@ def main() -> None:
         print("two cameras at 30 FPS, 2 zones each: " + ", ".join(f"{k} {f:.1f} FPS dropped {d}"
                                                                      for k, (f, d) in per.items())
               + f"; e2e p50 {two['e2e_p50_ms']} ms; CPU {two['cpu_percent_of_one_core']} % of a core", flush=True)
-        # 3. motion gating on a still scene vs off (4 zones, 30 FPS)
+        # 3. one shared interpreter vs one per camera (inferences per second in all)
+        out["sharing"] = interpreter_sharing(a.model)
+        print(f"interpreter sharing, inferences/s in all: {out['sharing']}", flush=True)
+        # 4. motion gating on a still scene vs off (4 zones, 30 FPS)
         for label, extra in (("off", []), ("gated", ["--motion-gate", "30"])):
             r = run([*common, "--source", str(still), "--fps", "30", "--loop", "--duration", str(a.seconds),
                      *zones(4), *extra])

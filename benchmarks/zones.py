@@ -102,7 +102,7 @@ def interpreter_sharing(model: str | None, seconds: float = 4.0) -> dict:
         counts = [0, 0]
         stop = threading.Event()
 
-        def loop(i: int) -> None:
+        def loop(i: int, stop: threading.Event = stop, counts: list[int] = counts) -> None:
             while not stop.is_set():
                 pair[i].infer(tensor)
                 counts[i] += 1

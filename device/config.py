@@ -677,7 +677,7 @@ def to_toml_dict(cfg: RunConfig, *, redact: bool = True) -> dict[str, Any]:
         value = getattr(cfg, key)
         if value is None or value == []:
             continue
-        out[key] = str(value) if isinstance(value, Path) else value
+        out[key] = os.path.abspath(value) if isinstance(value, Path) else value  # the file may be saved elsewhere
     for table, obj in (("serve", cfg.serve), ("events", cfg.events), ("mqtt", cfg.mqtt), ("collect", cfg.collect)):
         values = {}
         for f in dataclasses.fields(obj):
@@ -686,7 +686,7 @@ def to_toml_dict(cfg: RunConfig, *, redact: bool = True) -> dict[str, Any]:
                 continue
             if redact and (table, f.name) in SECRET_KEYS:
                 value = "***"
-            values[f.name] = str(value) if isinstance(value, Path) else value
+            values[f.name] = os.path.abspath(value) if isinstance(value, Path) else value
         if values:
             out[table] = values
     cams: dict[str, Any] = {}
@@ -695,6 +695,8 @@ def to_toml_dict(cfg: RunConfig, *, redact: bool = True) -> dict[str, Any]:
         for key in ("camera", "source", "width", "height", "fps"):
             if getattr(cam, key) is not None:
                 c[key] = getattr(cam, key)
+        if cam.source is not None and "://" not in cam.source:
+            c["source"] = os.path.abspath(cam.source)
         if cam.loop:
             c["loop"] = True
         if cam.zones:

@@ -226,6 +226,7 @@ def run(
              "background.")] = None,
 ) -> None:
     """Classify frames from a camera, a video, a stream or images in real time."""
+    from edgesqz.device.options import check_run
     from edgesqz.device.pipeline import Pipeline
     from edgesqz.device.sinks import (
         ConsoleSink,
@@ -238,6 +239,8 @@ def run(
     from edgesqz.device.sources import open_source, parse_reconnect
     from edgesqz.fileio import check_distinct, check_output
 
+    check_run(events=event, event_start=event_start, event_end=event_end, preroll=preroll, keep=keep,
+              max_disk=max_disk, mqtt=mqtt, mqtt_discovery_prefix=mqtt_discovery, device=device_id, webhooks=webhook)
     retry = parse_reconnect(reconnect)
     choice = choose_model(model)
     # Outputs are checked before anything is opened: never an input, never an existing file without --force.

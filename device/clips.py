@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from edgesqz.device import options
 from edgesqz.device.eventsink import EventOutput
 from edgesqz.device.sinks import annotate
 from edgesqz.errors import EdgesqzError
@@ -162,15 +163,11 @@ class MediaWriter(EventOutput):
             raise EdgesqzError("MediaWriter needs a snapshot folder, a clip folder or both")
         self.snapshot_dir = check_folder(snapshot_dir, option="--snapshot-dir").resolve() if snapshot_dir else None
         self.clip_dir = check_folder(clip_dir, option="--clip-dir").resolve() if clip_dir else None
-        self.preroll_s = DEFAULT_PREROLL_S if preroll_s is None else float(preroll_s)
-        self.keep = DEFAULT_KEEP if keep is None else int(keep)
-        self.max_disk_bytes = None if max_disk_mb is None else int(max_disk_mb * 1e6)
-        if not 0 <= self.preroll_s <= 60:
-            raise EdgesqzError(f"--preroll must be between 0 and 60 seconds, got {preroll_s}")
-        if self.keep < 1:
-            raise EdgesqzError(f"--keep must be >= 1 (events whose files are kept), got {keep}")
-        if max_disk_mb is not None and max_disk_mb <= 0:
-            raise EdgesqzError(f"--max-disk must be > 0 MB, got {max_disk_mb}")
+        self.preroll_s = DEFAULT_PREROLL_S if preroll_s is None else options.finite(preroll_s, "--preroll", 0, 60,
+                                                                                     unit="of seconds")
+        self.keep = DEFAULT_KEEP if keep is None else options.positive_int(keep, "--keep", 1, 1_000_000)
+        self.max_disk_bytes = None if max_disk_mb is None else int(
+            options.finite(max_disk_mb, "--max-disk", 0, 1e9, lo_open=True, unit="of MB") * 1e6)
         self.clip_max_s = clip_max_s
         self.ring_bytes_max = int(ring_mb * 1e6)
         self.min_free_bytes = int(min_free_mb * 1e6)

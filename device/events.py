@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from edgesqz.device import options
 from edgesqz.errors import EdgesqzError
 from edgesqz.schema import record
 
@@ -53,9 +54,9 @@ _NAME_OK = re.compile(r"^[^\s/#+=,][^/#+=,]*$")
 
 
 def slug(text: str) -> str:
-    """A name safe in MQTT topics, Home Assistant object ids and file names: ``[a-z0-9_]``."""
-    out = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-    return out or "x"
+    """A name safe in MQTT topics, Home Assistant object ids and file names: ``[a-z0-9_]``, at most 64
+    characters, unique for non-ASCII and long names (see :func:`edgesqz.device.options.slug`)."""
+    return options.slug(text)
 
 
 def _norm(label: str) -> str:
@@ -99,11 +100,16 @@ class EventRule:
             name, _, spec = spec.partition("=")
             name = name.strip()
             if not name or not _NAME_OK.match(name):
-                raise EdgesqzError(f"--event {text!r}: the name before '=' must be a word without / # + = , "
+                raise EdgesqzError(f"--event {text[:80]!r}: the name before '=' must be a word without / # + = , "
                                    f"({EVENT_GRAMMAR})")
-        labels = tuple(part.strip() for part in spec.split(",") if part.strip())
+            name = options.name(name, "--event: the name before '='", options.EVENT_NAME_MAX)
+        labels = tuple(options.name(part, "--event: a label", options.EVENT_NAME_MAX)
+                       for part in spec.split(",") if part.strip())
         if not labels:
-            raise EdgesqzError(f"--event {text!r}: no label given; write {EVENT_GRAMMAR}")
+            raise EdgesqzError(f"--event {text[:80]!r}: no label given; write {EVENT_GRAMMAR}")
+        if not name:
+            options.name(",".join(labels), "--event: the labels (the rule's name; give a shorter one with NAME=)",
+                         options.EVENT_NAME_MAX)
         return cls(labels=labels, min_score=score, name=name)
 
     def describe(self) -> str:
@@ -131,8 +137,8 @@ def resolve_indices(rule: EventRule, labels: list[str] | None, classes: int) -> 
         by_norm.setdefault(_norm(name), []).append(i)
     out: list[int] = []
     for label in rule.labels:
-        if label.startswith("#") and label[1:].isdigit():
-            index = int(label[1:])
+        index = options.class_index(label)
+        if index is not None:
             if not 0 <= index < classes:
                 raise EdgesqzError(f"--event {rule.name}: class {label} does not exist (the model has {classes} "
                                    f"classes, #0 to #{classes - 1})")

@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from edgesqz.device import options
 from edgesqz.device.events import DEFAULT_END_S, DEFAULT_START_S, Event, EventDetector, EventRule, slug
 from edgesqz.device.sinks import JsonLinesSink, Sink
 from edgesqz.errors import EdgesqzError
@@ -260,9 +261,7 @@ def event_sink(events: Sequence[str] | None, *, start_s: float | None = None, en
         for option, value in (("--mqtt-discovery", mqtt_discovery), ("--mqtt-ca", mqtt_ca)):
             if value is not None:
                 raise EdgesqzError(f"{option} needs --mqtt URL")
-    device = slug(device_id) if device_id else default_device_id()
-    if device_id is not None and slug(device_id) != device_id:
-        raise EdgesqzError(f"--device-id {device_id!r}: use lower-case letters, digits and _ only (e.g. {device!r})")
+    device = options.device_id(device_id) if device_id is not None else default_device_id()
 
     from edgesqz.device.clips import MediaWriter
     from edgesqz.device.mqtt import MqttOutput
@@ -282,7 +281,10 @@ def event_sink(events: Sequence[str] | None, *, start_s: float | None = None, en
         outputs.append(ConsoleEventOutput())
     if server is not None:
         outputs.append(ServeEventOutput(server))
-    hooks = [WebhookOutput(url) for url in webhooks or ()]
+    from edgesqz.device.shutdown import Drain
+
+    drain = Drain(10.0)  # one deadline for all the URLs together, not 10 s each
+    hooks = [WebhookOutput(url, drain=drain, say=say) for url in webhooks or ()]
     mqtt_out = MqttOutput(mqtt, device=device, discovery=mqtt_discovery, ca_file=mqtt_ca) if mqtt else None
     sink = EventSink(rules, outputs, start_s=DEFAULT_START_S if start_s is None else start_s,
                      end_s=DEFAULT_END_S if end_s is None else end_s, device=device)

@@ -43,6 +43,7 @@ import numpy as np
 from edgesqz._version import __version__
 from edgesqz.device import options
 from edgesqz.device.eventsink import EventOutput
+from edgesqz.device.shutdown import HURRY
 from edgesqz.errors import EdgesqzError
 from edgesqz.schema import dumps
 
@@ -381,7 +382,7 @@ class MqttOutput(EventOutput):
         while time.monotonic() < deadline:
             with self._lock:
                 left = len(self._unacked)
-            if not left:
+            if not left or HURRY.is_set():  # a second Ctrl-C: do not wait
                 break
             time.sleep(0.02)
         if left:

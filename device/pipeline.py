@@ -3,9 +3,13 @@
 ``Pipeline(source, classifier, sinks).run()`` is all ``edgesqz run`` does. The source's reader
 thread decodes and prepares frame N+1 while the interpreter runs on frame N; the main thread
 only sets the input tensor, invokes, post-processes and hands the :class:`Result` to each sink.
-SIGINT, SIGTERM and SIGHUP (a dropped SSH session) stop the loop cleanly (a second SIGINT
-interrupts at once); the sinks then receive the :class:`Summary`, so JSON lines end with it and a
-recording is finalised. A SIGHUP that is ignored (``nohup``) stays ignored.
+SIGINT, SIGTERM and SIGHUP (a dropped SSH session) stop the loop cleanly; the sinks then receive the
+:class:`Summary`, so JSON lines end with it and a recording is finalised. A second SIGINT never
+interrupts that (a KeyboardInterrupt in the middle of finalising a video aborted the process in the
+encoder's C++ thread, rc 134, and left the clip it had announced as a hidden ``.part``): it sets
+:data:`edgesqz.device.shutdown.HURRY` instead, so the drains at the end (webhooks, MQTT, queued clip
+frames) stop waiting and the run ends within a second or two, with every announced file complete.
+A SIGHUP that is ignored (``nohup``) stays ignored.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any
 
 from edgesqz.device.classifier import Classifier
 from edgesqz.device.results import Result, Summary
+from edgesqz.device.shutdown import HURRY
 from edgesqz.device.sinks import Sink
 from edgesqz.device.sources import FrameSource
 from edgesqz.errors import EdgesqzError
@@ -183,7 +188,7 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
-        """SIGINT/SIGTERM/SIGHUP -> stop after the current frame; a second SIGINT interrupts at once."""
+        """SIGINT/SIGTERM/SIGHUP -> stop after the current frame; a second SIGINT -> hurry the end (HURRY)."""
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -191,8 +196,11 @@ class Pipeline:
         def handler(signum: int, _frame: Any) -> None:
             name = signal.Signals(signum).name
             if self.stopping and signum == signal.SIGINT:
-                raise KeyboardInterrupt
+                HURRY.set()  # never KeyboardInterrupt while closing: shorten the drains instead
+                return
             self.stop(name)
+
+        HURRY.clear()
 
         previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS
                     if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)}  # nohup

@@ -202,8 +202,9 @@ class Event:
             return True
         return False
 
-    def to_record(self, *, source: str | None = None, device: str | None = None) -> dict[str, Any]:
-        """The ``event`` object of the JSON schema (docs/schema.md)."""
+    def to_record(self, *, source: str | None = None, device: str | None = None,
+                  clock: str = "wall") -> dict[str, Any]:
+        """The ``event`` object of the JSON schema (docs/schema.md); ``clock``: what the times follow."""
         state = "start" if self.state == "active" else "end"
         return record(
             "event",
@@ -215,6 +216,7 @@ class Event:
             min_score=self.rule.min_score,
             device=device,
             source=source,
+            clock=clock,
             timestamp=round(self.timestamp, 6),
             start=round(self.start, 6),
             end=round(self.end, 6) if self.end is not None else None,

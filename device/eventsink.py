@@ -96,6 +96,7 @@ class EventSink(Sink):
         self.source: str | None = None
         self.model: str | None = None
         self.fps: float | None = None
+        self.clock = "wall"  # what the frames' timestamps follow: "media" (a video file's own clock) or "wall"
         self.events_started = 0
         self._best: dict[str, Result] = {}
         self._last_timestamp: float | None = None
@@ -116,6 +117,7 @@ class EventSink(Sink):
             self.source = pipeline.source.description
             self.model = pipeline.classifier.name
             self.fps = pipeline.source.fps
+            self.clock = getattr(pipeline.source, "clock", "wall")
         if self.detector is None:
             raise EdgesqzError("EventSink.bind(labels, classes) must be called when there is no pipeline")
         for output in self.outputs:
@@ -163,7 +165,7 @@ class EventSink(Sink):
             self.events_started += 1
         for output in self._opened:
             output.prepare(event, best)
-        rec = event.to_record(source=self.source, device=self.device)
+        rec = event.to_record(source=self.source, device=self.device, clock=self.clock)
         for output in self._opened:
             output.event(rec, event, best)
 

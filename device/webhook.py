@@ -147,7 +147,8 @@ class WebhookOutput(EventOutput):
                 if left_s <= 0:
                     break
                 self._cond.wait(min(0.1, left_s))
-            left = len(self._queue) + (1 if self._busy else 0)
+            left = len(self._queue)  # the one being sent is still the queue's first
+            busy = self._busy
             self._stop.set()
             self._cond.notify_all()
         # A request still under way is not waited for beyond the deadline (the thread is a daemon).
@@ -155,7 +156,8 @@ class WebhookOutput(EventOutput):
         self._thread = None
         if left:
             self.failed += left
-            self.last_reason = self.last_reason or "the run ended first"
+            self.last_reason = self.last_reason or ("no answer before the run ended" if busy else
+                                                    "the run ended first")
             log.warning("warning: webhook %s: %d events not delivered when the run ended (last: %s)", self.shown,
                         left, self.last_reason)
         if self._say is not None:

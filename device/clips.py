@@ -151,8 +151,8 @@ class _Clip:
         why = "it came out empty" if self._tmp.stat().st_size == 0 else mp4_incomplete(self._tmp)
         if why:
             self.abort()
-            raise EdgesqzError(f"clip {self.path} could not be finished: {why} (is the disk full, or a file size "
-                               "limit reached?); no file was left under its name")
+            raise EdgesqzError(f"the encoder could not finish it: {why} (is the disk full, or a file size limit "
+                               "reached?); nothing is left under its name")
         self._stack.close()
 
     def abort(self) -> None:

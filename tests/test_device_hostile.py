@@ -326,7 +326,7 @@ def test_a_clip_the_encoder_could_not_finish_is_never_published(tmp_path: Path) 
             pass
 
     clip.writer = DiskFull()  # type: ignore[assignment]
-    with pytest.raises(EdgesqzError, match="could not be finished: its 'mdat' box was never closed"):
+    with pytest.raises(EdgesqzError, match="could not finish it: its 'mdat' box was never closed"):
         clip.finish()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good.mp4"]  # no full.mp4, no .part
     truncated = tmp_path / "cut.mp4"

@@ -1,6 +1,11 @@
-"""Fault sweep for issue 19 ("never crash, never lose a file, never blow up memory"): every case, how it ends now.
+"""Fault sweep for issues 19 ("never crash, never lose a file, never blow up memory") and 26 (hostile values that
+pass a first check, clocks, webhooks, files, signals, model paths, doctor, SSE): every case, how it ends now.
 
     python benchmarks/fault_sweep.py [--out benchmarks/results/fault_sweep] [--mutants 30] [--skip-convert] [--keep]
+                                     [--only STEP ...] [--before OLD.json]
+
+``--only hostile`` runs issue 26's cases alone; ``--before OLD.json`` adds a before/after table of the cases an
+earlier run (e.g. of the code before a fix, with ``--device-python`` pointing at it) also has.
 
 Runs each case of the issue against the real ``edgesqz`` command line in subprocesses: the device commands
 (run, classify, info, bench, doctor, edgetpu check, compare) with the device venv's Python (``.venv-device``,

@@ -9,6 +9,7 @@ interrupts that (a KeyboardInterrupt in the middle of finalising a video aborted
 encoder's C++ thread, rc 134, and left the clip it had announced as a hidden ``.part``): it sets
 :data:`edgesqz.device.shutdown.HURRY` instead, so the drains at the end (webhooks, MQTT, queued clip
 frames) stop waiting and the run ends within a second or two, with every announced file complete.
+When the close was quicker than the second Ctrl-C, that one is absorbed too (within 2 s after the run).
 A SIGHUP that is ignored (``nohup``) stays ignored.
 """
 
@@ -209,3 +210,20 @@ class Pipeline:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            self._absorb_late_sigint(previous.get(signal.SIGINT))
+
+    def _absorb_late_sigint(self, previous: Any, grace_s: float = 2.0) -> None:
+        """After a run a signal stopped, the second Ctrl-C may come just after the (quick) close: within
+        ``grace_s`` it only sets HURRY, once, instead of interrupting the exit that is under way."""
+        if not (callable(previous) and self._stop_reason in {s.name for s in STOP_SIGNALS}) or HURRY.is_set():
+            return
+        until = time.monotonic() + grace_s
+
+        def late(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGINT, previous)
+            if time.monotonic() < until:
+                HURRY.set()
+                return
+            previous(signum, frame)
+
+        signal.signal(signal.SIGINT, late)

@@ -362,6 +362,13 @@ def test_a_second_sigint_while_closing_hurries_instead_of_raising() -> None:
         interrupt()
         assert HURRY.is_set()
     HURRY.clear()
+    previous = signal.getsignal(signal.SIGINT)
+    pipeline = Pipeline(Stub(), Stub(), [])  # type: ignore[arg-type]
+    with pipeline._signals():  # a close so quick that the second Ctrl-C comes after it
+        interrupt()
+    interrupt()  # absorbed once, just after the run
+    assert HURRY.is_set() and signal.getsignal(signal.SIGINT) is previous
+    HURRY.clear()
 
 
 # --------------------------------------------------------------------------- 6./7. model paths, doctor

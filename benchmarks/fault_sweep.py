@@ -1,6 +1,11 @@
-"""Fault sweep for issue 19 ("never crash, never lose a file, never blow up memory"): every case, how it ends now.
+"""Fault sweep for issues 19 ("never crash, never lose a file, never blow up memory") and 26 (hostile values that
+pass a first check, clocks, webhooks, files, signals, model paths, doctor, SSE): every case, how it ends now.
 
     python benchmarks/fault_sweep.py [--out benchmarks/results/fault_sweep] [--mutants 30] [--skip-convert] [--keep]
+                                     [--only STEP ...] [--before OLD.json]
+
+``--only hostile`` runs issue 26's cases alone; ``--before OLD.json`` adds a before/after table of the cases an
+earlier run (e.g. of the code before a fix, with ``--device-python`` pointing at it) also has.
 
 Runs each case of the issue against the real ``edgesqz`` command line in subprocesses: the device commands
 (run, classify, info, bench, doctor, edgetpu check, compare) with the device venv's Python (``.venv-device``,
@@ -23,13 +28,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import http.client
 import http.server
 import json
 import os
 import platform
+import resource
 import shlex
 import shutil
 import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -50,6 +58,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from event_helpers import write_scenes  # noqa: E402
 from fault_models import (  # noqa: E402
     crafted_models,
     first_op,
@@ -61,6 +70,7 @@ from fault_models import (  # noqa: E402
     tiny_classifier,
 )
 from mjpeg_server import MjpegServer  # noqa: E402
+from mqtt_broker import Broker, free_port  # noqa: E402
 from serve_viewers import write_video  # noqa: E402
 from test_device_faults import (  # noqa: E402
     PI_MEMORY,
@@ -70,6 +80,8 @@ from test_device_faults import (  # noqa: E402
     limit_memory,
     snapshot,
 )
+
+from edgesqz.device.clips import mp4_incomplete  # noqa: E402
 
 BAD_MARKERS = ("Traceback", "internal error", "Fatal Python error", "Segmentation fault", "Aborted", "double free",
                "core dumped")
@@ -1034,6 +1046,350 @@ class Sweep:
         self.case("run, DISPLAY=:99 without an X server (no --no-display)", "run", "--model", self.model, "--source",
                   self.coffee, "--json", expect="ok", check=ran, env={"DISPLAY": ":99"}, cwd=d, timeout=60)
 
+    # ------------------------------------------------------------------ 9. issue 26: hostile values, by class
+
+    def hostile(self) -> None:
+        """Issue 26: values that pass a first check, clocks, webhooks, files, signals, model paths, doctor, SSE."""
+        d = self.folder("hostile")
+        (d / "notes.txt").write_text("the user's notes\n")
+        photos = self.photos
+        self.scenes = write_scenes(self.work / "scenes.mp4", [(photos / "rocket.jpg", 60), (photos / "coffee.png", 90),
+                                                              (photos / "rocket.jpg", 120), (photos / "coffee.png", 60),
+                                                              (photos / "rocket.jpg", 90)])
+        base = ["run", "--model", self.model, "--source", self.scenes, "--threads", 1]
+        ev = ["--event", "espresso"]
+
+        self.group = "26.1 option values that pass a first check"
+        a64 = "a" * 64
+        for case, args, needle in (
+            ("--event '#²' (a digit to isdigit(), not to int())", ["--event", "#²"], "#²"),
+            ("--event '#٣' (Arabic-Indic digit)", ["--event", "#٣"], "#٣"),
+            ("--max-disk nan", [*ev, "--snapshot-dir", "s", "--max-disk", "nan"], "--max-disk"),
+            ("--max-disk inf", [*ev, "--snapshot-dir", "s", "--max-disk", "inf"], "--max-disk"),
+            ("--preroll nan", [*ev, "--clip-dir", "c", "--preroll", "nan"], "--preroll"),
+            ("--event-start nan", [*ev, "--event-start", "nan"], "--event-start"),
+            ("--event-end inf", [*ev, "--event-end", "inf"], "--event-end"),
+            ("--mqtt mqtt://a..b (IDNA: empty label)", ["--mqtt", "mqtt://a..b"], "not a valid host name"),
+            ("--mqtt host with a 64-char label", ["--mqtt", f"mqtt://{a64}.example"], "not a valid host name"),
+            ("--mqtt mqtt://127.0.0.1:0 (not 1883)", ["--mqtt", "mqtt://127.0.0.1:0"], "1 to 65535"),
+            ("--mqtt mqtt://127.0.0.1:65536", ["--mqtt", "mqtt://127.0.0.1:65536"], "1 to 65535"),
+            ("--mqtt prefix $SYS/x", ["--mqtt", "mqtt://127.0.0.1/$SYS/x"], "'$'"),
+            ("--mqtt-discovery 'ha/+'", ["--mqtt", "mqtt://127.0.0.1", "--mqtt-discovery", "ha/+"], "--mqtt-discovery"),
+            ("--webhook http://a..b/", [*ev, "--webhook", "http://a..b/"], "not a valid host name"),
+            ("--webhook http://127.0.0.1:0/", [*ev, "--webhook", "http://127.0.0.1:0/"], "1 to 65535"),
+            ("--webhook with a space in the host", [*ev, "--webhook", "http://a b/"], "--webhook"),
+            ("--event name with a control character", ["--event", "cup\x01=espresso"], "control character"),
+        ):
+            self.case(case, *base, "--max-frames", 3, *args, expect="error", needles=[needle], cwd=d, timeout=60)
+
+        self.group = "26.9 MQTT topics and broker answers"
+        for case, args, needle in (
+            ("--mqtt prefix with a control character (%01)", ["--mqtt", "mqtt://127.0.0.1/a%01b"], "control character"),
+            ("--mqtt prefix with NUL (%00)", ["--mqtt", "mqtt://127.0.0.1/a%00b"], "--mqtt"),
+            ("--mqtt 70,000-character prefix", ["--mqtt", "mqtt://127.0.0.1/" + "p" * 70000], "characters long"),
+            ("--device-id of 70,000 characters", ["--mqtt", "mqtt://127.0.0.1", "--device-id", "d" * 70000],
+             "--device-id"),
+        ):
+            self.case(case, *base, "--max-frames", 3, *args, expect="error", needles=[needle], cwd=d, timeout=60)
+        with tempfile.TemporaryDirectory() as tmp:
+            pw = Path(tmp) / "passwords"
+            pw.write_text("")
+            broker = Broker(Path(tmp), extra=f"password_file {pw}\n")
+            broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true", "allow_anonymous false"))
+            broker.start()
+            try:
+                for case, url in (("broker refuses anonymous clients", broker.url),
+                                  ("broker refuses the password", f"mqtt://cam:wrong@127.0.0.1:{broker.port}")):
+                    self.case(f"{case} (real Mosquitto)", *base, "--max-frames", 3, *ev, "--mqtt", url, expect="error",
+                              needles=["refused the connection: Not authorized"], cwd=d, timeout=60)
+            finally:
+                broker.stop()
+
+        self.group = "26.2 event time from the source's clock"
+        self.media_clock(d, base)
+        self.paced_start(d, base)
+
+        # Below, events start at once and end after 0.2 s: the same events whatever the clock (before issue 26 a
+        # video read at full speed was timed by the wall clock, and its 3 s scenes lasted 0.015 s).
+        quick = [*base, "--event-start", 0, "--event-end", 0.2]
+        self.group = "26.3 webhooks"
+        self.webhooks(d, quick)
+
+        self.group = "26.4 files: clip finalisation, names from rule names"
+        self.rule_names(quick)
+        self.clip_disk_full(quick)
+
+        self.group = "26.5 second Ctrl-C while closing"
+        self.second_sigint()
+
+        self.group = "26.6 model paths that are not files"
+        self.model_paths()
+
+        self.group = "26.7 doctor with a bad model"
+        self.doctor_models()
+
+        self.group = "26.8 SSE ids across runs"
+        self.sse_stale_id(base)
+
+    def run_events(self, p: Proc) -> list[dict[str, Any]]:
+        return [o for o in parse_jsonl(p.stdout) if o.get("kind") == "event"]
+
+    def media_clock(self, d: Path, base: list[object]) -> None:
+        def check(p: Proc) -> tuple[bool, str]:
+            objs = parse_jsonl(p.stdout)
+            frames = [o for o in objs if o.get("kind") == "classification"]
+            starts = [o for o in objs if o.get("kind") == "event" and o.get("state") == "start"]
+            summary = objs[-1] if objs else {}
+            if not frames or len(starts) != 2:
+                return False, f"{len(starts)} event starts (2 expected)"
+            t0 = frames[0]["timestamp"]
+            at = [round(s["start"] - t0, 2) for s in starts]
+            good = abs(at[0] - 2.0) < 0.15 and abs(at[1] - 9.33) < 0.15  # frames 60 and 280 at 30 fps
+            return good, (f"played at {summary.get('fps_mean')} FPS; events start at media {at} s "
+                          f"(frames 60 and 280 of the video: 2.0 and 9.33 s), clock {starts[0].get('clock')!r}")
+
+        self.case("recorded video without --fps (~200+ FPS): events at their media times", *base, *["--event",
+                  "espresso"], "--json", expect="ok", check=check, cwd=d, timeout=120)
+
+    def paced_start(self, d: Path, base: list[object]) -> None:
+        """--fps 30 after a 5 s wait for a broker that accepts TCP but never answers: no burst of frames."""
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever answers the CONNECT
+        try:
+            def check(p: Proc) -> tuple[bool, str]:
+                objs = parse_jsonl(p.stdout)
+                frames = [o["timestamp"] for o in objs if o.get("kind") == "classification"][:30]
+                summary = objs[-1] if objs else {}
+                span = frames[-1] - frames[0] if len(frames) == 30 else 0.0
+                good = span > 0.8 and (summary.get("dropped") or 0) < 15
+                return good, (f"first 30 frames span {span:.2f} s (1 s at 30 fps; a burst: ~0), "
+                              f"{summary.get('dropped')} frames dropped")
+
+            self.case("--fps 30 after waiting 5 s for a silent broker: no initial burst", *base, "--fps", 30,
+                      "--max-frames", 60, "--json", "--mqtt", f"mqtt://127.0.0.1:{silent.getsockname()[1]}",
+                      expect="ok", check=check, cwd=d, timeout=120)
+        finally:
+            silent.close()
+
+    def webhooks(self, d: Path, base: list[object]) -> None:
+        hooks = HookServer()
+        try:
+            url = hooks.url
+            auth_url = url.replace("http://", "http://cam:s3cret@")
+
+            def auth(p: Proc) -> tuple[bool, str]:
+                got = hooks.auth("/auth")
+                shown = "cam:***@" in p.stderr
+                leaked = "s3cret" in p.stderr or "s3cret" in p.stdout
+                good = bool(got) and all(a == "Basic Y2FtOnMzY3JldA==" for a in got) and shown and not leaked
+                return good, (f"{len(got)} POSTs with Authorization {got[:1]}; stderr shows 'cam:***@': {shown}; "
+                              f"password printed: {leaked}")
+
+            self.case("--webhook http://user:pass@host/ (Basic auth, redacted)", *base, "--event", "espresso",
+                      "--webhook", auth_url + "/auth", expect="ok", check=auth, cwd=d, timeout=120)
+
+            def redirects(p: Proc) -> tuple[bool, str]:
+                at_ok = hooks.bodies("/ok")
+                n = len(self.run_events(p))
+                said_302 = any("302" in line for line in p.stderr.splitlines())
+                good = n >= 2 and len(at_ok) == n and said_302 and f"0 delivered, {n} not delivered" in p.stderr
+                reports = " / ".join(x for x in p.stderr.splitlines() if "delivered," in x)
+                return good, (f"{n} events; 307 -> {len(at_ok)} POSTs with the event at the target; 302 reported: "
+                              f"{said_302}; summary: {reports}")
+
+            self.case("--webhook answering 307 (followed, POST kept) and 302 (not delivered, said why)", *base,
+                      "--event", "espresso", "--json", "--webhook", url + "/r307", "--webhook", url + "/r302",
+                      expect="ok",
+                      check=redirects, cwd=d, timeout=120)
+
+            def bounded(p: Proc) -> tuple[bool, str]:
+                objs = parse_jsonl(p.stdout)
+                summary = objs[-1] if objs else {}
+                tail = p.seconds - (summary.get("duration_s") or 0)
+                reports = [x for x in p.stderr.splitlines() if "delivered," in x]
+                good = tail < 20 and len(reports) == 4
+                return good, f"{p.seconds:.1f} s in all, {tail:.1f} s beyond the video; {len(reports)} per-URL reports"
+
+            self.case("four --webhook URLs that hang: one bounded drain at exit", *base, "--event", "espresso",
+                      "--json", *[x for i in range(4) for x in ("--webhook", f"{url}/hang?{i}")], expect="ok",
+                      check=bounded, cwd=d, timeout=150)
+        finally:
+            hooks.close()
+
+    def rule_names(self, base: list[object]) -> None:
+        d = self.folder("rule-names")
+        (d / "notes.txt").write_text("the user's notes\n")
+        media = self.folder("rule-names-media")
+        long_name = "a very long rule name " * 14  # 308 characters
+        long_name = long_name.strip()
+
+        def check(p: Proc) -> tuple[bool, str]:
+            events = self.run_events(p)
+            ids = sorted({e["id"] for e in events})
+            rules = {e["name"]: e["id"].split("-")[1] for e in events}
+            files = sorted(x.name for x in media.iterdir())
+            missing = [i for i in ids if not all(f"{i}{ext}" in files for ext in (".jpg", ".raw.jpg", ".mp4"))]
+            longest = max((len(x.encode()) for x in files), default=0)
+            good = len(rules) == 3 and len(set(rules.values())) == 3 and not missing and longest <= 120
+            return good, (f"{len(ids)} events of {len(rules)} rules, id parts {sorted(rules.values())}; "
+                          f"{len(files)} files, {len(missing)} events without their 3 files, longest name "
+                          f"{longest} bytes")
+
+        self.case("a 308-char rule name and two non-ASCII names (猫, 犬), with snapshots and clips", *base, "--fps", 30,
+                  "--event", f"{long_name}=espresso", "--event", "猫=espresso", "--event", "犬=espresso",
+                  "--snapshot-dir", media, "--clip-dir", media, "--json", expect="ok", check=check, cwd=d,
+                  timeout=120)
+
+    def clip_disk_full(self, base: list[object]) -> None:
+        d = self.folder("clip-full")
+        (d / "notes.txt").write_text("the user's notes\n")
+        clips = self.folder("clip-full-clips")
+        limit = 400_000
+
+        def fsize() -> None:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+        def check(p: Proc) -> tuple[bool, str]:
+            visible = sorted(clips.glob("*.mp4"))
+            broken = [c.name for c in visible if mp4_incomplete(c)]
+            parts = [c.name for c in clips.iterdir() if ".part" in c.name]
+            said = [x for x in p.stderr.splitlines() if "could not finish it" in x]
+            spam = sum("Failed to write frame" in x for x in p.stderr.splitlines())
+            good = not broken and not parts and len(said) >= 1 and spam == 0
+            return good, (f"{len(visible)} clip(s) visible, {len(broken)} without their index {broken[:2]}, "
+                          f"{len(parts)} .part left; said why: {said[:1]}; {spam} encoder warnings")
+
+        self.case("clips on a full disk (ulimit -f 400 kB): no ID.mp4 without its index", *base, "--event",
+                  "espresso", "--clip-dir", clips, "--preroll", 1, expect="ok",
+                  check=check, preexec=fsize, wrap=f"(ulimit -f {limit // 1024})", cwd=d, timeout=120)
+
+    def second_sigint(self) -> None:
+        d = self.folder("sigint-twice")
+        long_video = write_scenes(self.work / "coffee-long.mp4", [(self.photos / "coffee.png", 600)])
+        argv = [*self.device, "run", "--model", str(self.model), "--source", str(long_video), "--fps", "30",
+                "--threads", "1", "--event", "espresso", "--event-start", "0", "--clip-dir", "clips", "--json"]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=d, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        err_lines: list[str] = []
+        out_lines: list[str] = []
+        readers = [threading.Thread(target=lambda s=s, acc=acc: acc.extend(s), daemon=True)
+                   for s, acc in ((proc.stderr, err_lines), (proc.stdout, out_lines))]
+        for r in readers:
+            r.start()
+        rc: int | None = None
+        try:
+            wait_for(lambda: any("started" in x for x in err_lines) or proc.poll() is not None, 60)
+            time.sleep(3)  # a 3 s clip under way, frames queued for it
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)  # while the clip is being finalised
+            rc = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for r in readers:
+            r.join(5)
+        p = Proc(argv, rc, "".join(out_lines), "".join(err_lines), time.perf_counter() - t0, None, str(d), {},
+                 "(SIGINT twice, 50 ms apart, 3 s into an event)")
+
+        def check(p: Proc) -> tuple[bool, str]:
+            announced = [e.get("clip") for e in parse_jsonl(p.stdout) if e.get("kind") == "event" and e.get("clip")]
+            folder = d / "clips"
+            names = sorted(x.name for x in folder.iterdir()) if folder.exists() else []
+            parts = [n for n in names if ".part" in n]
+            missing = [Path(c).name for c in announced if not (folder / Path(c).name).exists()
+                       or mp4_incomplete(folder / Path(c).name)]
+            good = p.returncode == 0 and not parts and not missing and bool(announced)
+            return good, (f"exit {p.returncode}; {len(announced)} clip(s) announced, {len(missing)} missing or "
+                          f"incomplete, {len(parts)} .part left ({', '.join(names)[:120]})")
+
+        ok, detail = judge(p, "ok", check=check)
+        self.add("second Ctrl-C while a clip is finalised", p, ok, detail,
+                 (True, "yes (clips: see detail)"), self.short(argv) + " + SIGINT x2, 50 ms apart")
+
+    def model_paths(self) -> None:
+        d = self.folder("model-paths")
+        fifo = d / "model.fifo"
+        os.mkfifo(fifo)
+        home = self.work / "home-fifo"
+        (home / "models").mkdir(parents=True)
+        os.mkfifo(home / "models" / "latest.tflite")
+        for case, args, env, needle in (
+            ("classify --model FIFO (no writer: would block forever)", ["--model", fifo], {}, "FIFO"),
+            ("classify --model /dev/zero (endless)", ["--model", "/dev/zero"], {}, "character device"),
+            ("classify, EDGESQZ_MODEL = FIFO", [], {"EDGESQZ_MODEL": str(fifo)}, "EDGESQZ_MODEL"),
+            ("classify, EDGESQZ_MODEL = /dev/zero", [], {"EDGESQZ_MODEL": "/dev/zero"}, "EDGESQZ_MODEL"),
+            ("classify, latest.tflite is a FIFO", [], {"EDGESQZ_HOME": str(home)}, "latest.tflite"),
+        ):
+            self.case(case, "classify", *args, self.coffee, expect="error", needles=[needle], env=env, cwd=d,
+                      timeout=30, rss=True)
+        self.case("info --model /dev/zero", "info", "/dev/zero", expect="error", needles=["character device"],
+                  cwd=d, timeout=30, rss=True)
+
+    def doctor_models(self) -> None:
+        d = self.folder("doctor-models")
+        garbage = d / "garbage.tflite"
+        garbage.write_bytes(os.urandom(4096))
+        home = self.work / "home-garbage"
+        (home / "models").mkdir(parents=True)
+        (home / "models" / "latest.tflite").write_bytes(os.urandom(4096))
+        tf_here = subprocess.run([self.device[0], "-c", "import importlib.util as u; "
+                                  "print(u.find_spec('tensorflow') is not None)"], capture_output=True, text=True,
+                                 env=self.env).stdout.strip() == "True"
+
+        def finding(names: str, fix: str) -> Callable[[Proc], tuple[bool, str]]:
+            def check(p: Proc) -> tuple[bool, str]:
+                lines = p.stdout.splitlines()
+                i = next((i for i, x in enumerate(lines) if x.startswith("FAIL model")), None)
+                if i is None:
+                    return False, "no FAIL model line"
+                text = " ".join(x.strip() for x in lines[i:i + 3])
+                convert_ok = tf_here or "edgesqz convert" not in text
+                good = names in text and fix in text and convert_ok
+                return good, f"{text[:300]} [TensorFlow here: {tf_here}]"
+            return check
+
+        self.case("doctor, EDGESQZ_MODEL = random bytes", "doctor", expect="report",
+                  check=finding("EDGESQZ_MODEL=", "unset EDGESQZ_MODEL"), env={"EDGESQZ_MODEL": str(garbage)}, cwd=d)
+        self.case("doctor, latest.tflite = random bytes", "doctor", expect="report",
+                  check=finding("latest.tflite", "rm "), env={"EDGESQZ_HOME": str(home)}, cwd=d)
+        fifo = d / "m.fifo"
+        os.mkfifo(fifo)
+        self.case("doctor, EDGESQZ_MODEL = FIFO", "doctor", expect="report",
+                  check=finding("EDGESQZ_MODEL=", "unset EDGESQZ_MODEL"), env={"EDGESQZ_MODEL": str(fifo)}, cwd=d,
+                  timeout=60)
+
+    def sse_stale_id(self, base: list[object]) -> None:
+        d = self.folder("sse")
+        port = free_port()
+        argv = [*self.device, *map(str, base), "--fps", "30", "--loop", "--serve", str(port), "--event", "espresso"]
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(argv, cwd=d, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+        results: dict[str, str] = {}
+        try:
+            wait_for(lambda: _listening(port) or proc.poll() is not None, 60)
+            for header in ("999999999999", "1", "0123abcd-5", "9" * 40):
+                results[header[:16]] = _first_event(port, header)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                _, err = proc.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                _, err = proc.communicate()
+        p = Proc(argv, proc.returncode, "", err, time.perf_counter() - t0, None, str(d))
+
+        def check(p: Proc) -> tuple[bool, str]:
+            good = all(v.startswith("got") for v in results.values())
+            return good, "; ".join(f"Last-Event-ID {k}: {v}" for k, v in results.items())
+
+        ok, detail = judge(p, "ok", check=check)
+        self.add("/events with a stale or huge Last-Event-ID (another run's)", p, ok, detail,
+                 (True, "yes (writes nothing)"), self.short(argv) + " + GET /events with Last-Event-ID")
+
 
 # --------------------------------------------------------------------------- small helpers
 
@@ -1100,6 +1456,84 @@ def html_404_server() -> Iterator[str]:
         server.server_close()
 
 
+class HookServer:
+    """Webhook endpoints: /ok and /auth record POSTs (and the Authorization header), /r307 and /r302 redirect
+    to /ok, /hang never answers."""
+
+    def __init__(self) -> None:
+        received: list[tuple[str, str | None, bytes]] = []
+        lock = threading.Lock()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                path = self.path.split("?")[0]
+                if path == "/hang":
+                    time.sleep(60)
+                    return
+                if path in ("/r307", "/r302"):
+                    self.send_response(int(path[2:]))
+                    self.send_header("Location", "/ok")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                with lock:
+                    received.append((path, self.headers.get("Authorization"), body))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.received = received
+        self.lock = lock
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def bodies(self, path: str) -> list[bytes]:
+        with self.lock:
+            return [b for p, _, b in self.received if p == path and b]
+
+    def auth(self, path: str) -> list[str | None]:
+        with self.lock:
+            return [a for p, a, _ in self.received if p == path]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _first_event(port: int, last_event_id: str, timeout: float = 5.0) -> str:
+    """GET /events with a Last-Event-ID: 'got id ...' for the first event within ``timeout``, else what happened."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        conn.request("GET", "/events", headers={"Last-Event-ID": last_event_id})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            return f"HTTP {resp.status}"
+        end = time.monotonic() + timeout
+        event_id = ""
+        while time.monotonic() < end:
+            line = resp.fp.readline().decode(errors="replace").strip()
+            if line.startswith("id:"):
+                event_id = line[3:].strip()
+            if line.startswith("data:"):
+                return f"got id {event_id or '?'}"
+        return f"no event in {timeout:g} s"
+    except (OSError, http.client.HTTPException) as exc:
+        return f"no event in {timeout:g} s ({type(exc).__name__})"
+    finally:
+        conn.close()
+
+
 def md_cell(text: str, limit: int = 260) -> str:
     text = " ".join(str(text).split())
     if len(text) > limit:
@@ -1122,11 +1556,33 @@ def versions(args: argparse.Namespace) -> dict[str, str]:
     }
 
 
-def write_report(sweep: Sweep, out: Path, seconds: float, meta: dict[str, str]) -> str:
+def before_after(rows: list[Row], before: dict[str, Any]) -> list[str]:
+    """A table of the cases ``before`` (an earlier OUT.json) has: how each ended then and now."""
+    then = {r["case"]: r for r in before.get("rows", [])}
+    meta = before.get("meta", {})
+    shown = [r for r in rows if r.case in then]
+    if not shown:
+        return []
+    lines = ["", f"## Before and after (issue 26): commit {meta.get('commit', '?')} then, this commit now", "",
+             f"The same cases run on commit {meta.get('commit', '?')} (before the fixes); "
+             f"{sum(not then[r.case]['ok'] for r in shown)} of {len(shown)} were problems then, "
+             f"{sum(not r.ok for r in shown)} now.", "",
+             "| class | case | before: exit, outcome | verdict | after: exit, outcome | verdict |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in shown:
+        b = then[r.case]
+        lines.append(f"| {md_cell(r.group, 60)} | {md_cell(r.case, 120)} | {b['exit']}: {md_cell(b['detail'], 220)} | "
+                     f"{'ok' if b['ok'] else '**PROBLEM**'} | {r.exit}: {md_cell(r.detail, 220)} | "
+                     f"{'ok' if r.ok else '**PROBLEM**'} |")
+    return lines
+
+
+def write_report(sweep: Sweep, out: Path, seconds: float, meta: dict[str, str],
+                 before: dict[str, Any] | None = None) -> str:
     rows = sweep.rows
     problems = [r for r in rows if not r.ok]
     lines = [
-        "# Fault sweep (issue 19): every case, how it ends now",
+        "# Fault sweep (issues 19 and 26): every case, how it ends now",
         "",
         f"`python benchmarks/fault_sweep.py` on commit {meta['commit']}, edgesqz {meta['edgesqz']}, "
         f"ai_edge_litert {meta['runtime']}, Python {meta['python']}, {meta['machine']}; "
@@ -1167,6 +1623,8 @@ def write_report(sweep: Sweep, out: Path, seconds: float, meta: dict[str, str]) 
             lines.append(f"| {model} | " + " | ".join(cells.get(c, "") for c in
                                                       ("info", "info --json", "classify", "bench", "edgetpu check"))
                          + " |")
+    if before is not None:
+        lines += before_after(rows, before)
     lines += ["", "## Problems", ""]
     if not problems:
         lines.append("None: every case ends as the issue asks.")
@@ -1179,6 +1637,7 @@ def write_report(sweep: Sweep, out: Path, seconds: float, meta: dict[str, str]) 
         "meta": {**meta, "seconds": round(seconds, 1)},
         "rows": [asdict(r) for r in rows],
         "mutants": sweep.mutants,
+        **({"before": {"meta": before.get("meta", {}), "rows": before.get("rows", [])}} if before else {}),
     }, indent=1) + "\n")
     return text
 
@@ -1198,6 +1657,9 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=2, help="parallel runs for the mutated models")
     parser.add_argument("--skip-convert", action="store_true", help="leave out the cases that need TensorFlow")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+    parser.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps (e.g. hostile: issue 26)")
+    parser.add_argument("--before", type=Path, help="an earlier OUT.json: the report gets a before/after table of "
+                                                    "its cases")
     args = parser.parse_args()
     for venv in ("device_python", "host_python"):
         if not getattr(args, venv).exists():
@@ -1208,13 +1670,16 @@ def main() -> int:
     sweep = Sweep(args, work)
     try:
         for step in (sweep.existing_outputs, sweep.signals, sweep.models_cases, sweep.memory, sweep.one_line_errors,
-                     sweep.silently_wrong, sweep.messages, sweep.doctor):
+                     sweep.silently_wrong, sweep.messages, sweep.doctor, sweep.hostile):
+            if args.only and step.__name__ not in args.only:
+                continue
             print(f"== {step.__name__}", flush=True)
             step()
     finally:
         seconds = time.perf_counter() - t0
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        text = write_report(sweep, args.out, seconds, versions(args))
+        before = json.loads(args.before.read_text()) if args.before else None
+        text = write_report(sweep, args.out, seconds, versions(args), before)
         if args.keep:
             print(f"kept {work}")
         else:

@@ -29,8 +29,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import re
 import shutil
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -41,7 +43,9 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from edgesqz.device import options
 from edgesqz.device.eventsink import EventOutput
+from edgesqz.device.shutdown import HURRY
 from edgesqz.device.sinks import annotate
 from edgesqz.errors import EdgesqzError
 from edgesqz.fileio import atomic_file, atomic_write, check_folder
@@ -137,17 +141,53 @@ class _Clip:
         self.frames += 1
 
     def finish(self) -> None:
-        """Close the video and give it its name (raises EdgesqzError when that failed)."""
+        """Close the video and give it its name (raises EdgesqzError when that failed).
+
+        The encoder does not report failed writes, so the finished file is checked: an MP4 needs its
+        index (the ``moov`` box, written last); without it (a full disk, a file size limit) the file
+        is removed and nothing appears under the clip's name.
+        """
         self.writer.release()
-        if self._tmp.stat().st_size == 0:
+        why = "it came out empty" if self._tmp.stat().st_size == 0 else mp4_incomplete(self._tmp)
+        if why:
             self.abort()
-            raise EdgesqzError(f"clip {self.path} came out empty (is the disk full?)")
+            raise EdgesqzError(f"the encoder could not finish it: {why} (is the disk full, or a file size limit "
+                               "reached?); nothing is left under its name")
         self._stack.close()
 
     def abort(self) -> None:
         self.writer.release()
         with contextlib.suppress(Exception):
             self._stack.__exit__(EdgesqzError, EdgesqzError("aborted"), None)
+
+
+def mp4_incomplete(path: Path) -> str | None:
+    """Why the MP4 (or MOV) file at ``path`` is unfinished, or None: its top-level boxes must chain to the end
+    of the file and include the index (``moov``) and the media (``mdat``). Other formats: None."""
+    if path.suffix.lower() not in (".mp4", ".mov", ".m4v"):
+        return None
+    try:
+        with path.open("rb") as f:
+            total = os.fstat(f.fileno()).st_size
+            seen: set[bytes] = set()
+            at = 0
+            while at + 8 <= total:
+                f.seek(at)
+                size, kind = struct.unpack(">I4s", f.read(8))
+                if size == 1:
+                    size = struct.unpack(">Q", f.read(8))[0]
+                elif size == 0:  # "to the end of the file": the muxer never came back to write the size
+                    size = total - at if kind != b"mdat" else -1
+                if size < 8:
+                    return f"its {kind.decode('latin-1')!r} box was never closed"
+                seen.add(kind)
+                at += size
+            if at != total:
+                return "it ends in the middle of a box"
+    except OSError as exc:
+        return f"it cannot be read back ({exc.strerror or exc})"
+    missing = [k.decode() for k in (b"moov", b"mdat") if k not in seen]
+    return f"it has no {' and no '.join(missing)} box (the video's index is missing)" if missing else None
 
 
 class MediaWriter(EventOutput):
@@ -162,15 +202,11 @@ class MediaWriter(EventOutput):
             raise EdgesqzError("MediaWriter needs a snapshot folder, a clip folder or both")
         self.snapshot_dir = check_folder(snapshot_dir, option="--snapshot-dir").resolve() if snapshot_dir else None
         self.clip_dir = check_folder(clip_dir, option="--clip-dir").resolve() if clip_dir else None
-        self.preroll_s = DEFAULT_PREROLL_S if preroll_s is None else float(preroll_s)
-        self.keep = DEFAULT_KEEP if keep is None else int(keep)
-        self.max_disk_bytes = None if max_disk_mb is None else int(max_disk_mb * 1e6)
-        if not 0 <= self.preroll_s <= 60:
-            raise EdgesqzError(f"--preroll must be between 0 and 60 seconds, got {preroll_s}")
-        if self.keep < 1:
-            raise EdgesqzError(f"--keep must be >= 1 (events whose files are kept), got {keep}")
-        if max_disk_mb is not None and max_disk_mb <= 0:
-            raise EdgesqzError(f"--max-disk must be > 0 MB, got {max_disk_mb}")
+        self.preroll_s = DEFAULT_PREROLL_S if preroll_s is None else options.finite(preroll_s, "--preroll", 0, 60,
+                                                                                     unit="of seconds")
+        self.keep = DEFAULT_KEEP if keep is None else options.positive_int(keep, "--keep", 1, 1_000_000)
+        self.max_disk_bytes = None if max_disk_mb is None else int(
+            options.finite(max_disk_mb, "--max-disk", 0, 1e9, lo_open=True, unit="of MB") * 1e6)
         self.clip_max_s = clip_max_s
         self.ring_bytes_max = int(ring_mb * 1e6)
         self.min_free_bytes = int(min_free_mb * 1e6)
@@ -189,6 +225,7 @@ class MediaWriter(EventOutput):
         self.errors: list[str] = []
         self.ring_peak_frames = 0
         self._say = say
+        self._cv_log_level: int | None = None
 
     @property
     def frames_dropped(self) -> int:
@@ -209,6 +246,11 @@ class MediaWriter(EventOutput):
         self._fps = sink.fps
         self._ring_window = self.preroll_s + sink.start_s + 1.0
         self._remove_stale_parts()
+        if self.clip_dir is not None:  # the encoder warns once per frame it cannot write; finish() says why, once
+            logging_ = getattr(getattr(cv2, "utils", None), "logging", None)
+            if logging_ is not None:
+                self._cv_log_level = logging_.getLogLevel()
+                logging_.setLogLevel(min(self._cv_log_level, logging_.LOG_LEVEL_ERROR))
         self._thread = threading.Thread(target=self._run, name="edgesqz-event-media", daemon=True)
         self._thread.start()
 
@@ -241,6 +283,9 @@ class MediaWriter(EventOutput):
             self._mailbox.put("stop", None)
             self._thread.join()
             self._thread = None
+        if self._cv_log_level is not None:
+            cv2.utils.logging.setLogLevel(self._cv_log_level)
+            self._cv_log_level = None
         if self.frames_dropped:
             log.warning("warning: the clip writer could not keep up and left out %d frames", self.frames_dropped)
         if self._say is not None and self.clip_dir is not None:
@@ -258,7 +303,8 @@ class MediaWriter(EventOutput):
                         self._finish_clip(event_id)
                     return
                 if kind == "frame":
-                    self._on_frame(item)
+                    if not HURRY.is_set():  # a second Ctrl-C: finish the clips with what they have
+                        self._on_frame(item)
                 elif kind == "start":
                     self._start_clip(*item)
                 elif kind == "end":
@@ -305,6 +351,8 @@ class MediaWriter(EventOutput):
         clip = _Clip(self.clip_dir / f"{event_id}.mp4", fps, (first.shape[1], first.shape[0]),
                      max_frames=max(1, int(self.clip_max_s * fps)))
         for i, (_, jpeg) in enumerate(frames):
+            if HURRY.is_set() and i:
+                break
             clip.write(first if i == 0 else cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR))
         self._clips[event_id] = clip
 

@@ -135,7 +135,7 @@ class Collector(Sink):
         with self._lock:
             self._latest = result
             self._latest_by_camera[result.camera] = result
-        now = time.monotonic()
+        now = result.frame.timestamp  # the source's clock (a video file's own time when read at full speed)
         p = self.policy
         for zone, scores, _top in result.scopes():
             key = (result.camera, zone)

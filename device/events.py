@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from edgesqz.device import options
 from edgesqz.errors import EdgesqzError
 from edgesqz.schema import record
 
@@ -55,9 +56,9 @@ _NAME_OK = re.compile(r"^[^\s/#+=,][^/#+=,]*$")
 
 
 def slug(text: str) -> str:
-    """A name safe in MQTT topics, Home Assistant object ids and file names: ``[a-z0-9_]``."""
-    out = re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-    return out or "x"
+    """A name safe in MQTT topics, Home Assistant object ids and file names: ``[a-z0-9_]``, at most 64
+    characters, unique for non-ASCII and long names (see :func:`edgesqz.device.options.slug`)."""
+    return options.slug(text)
 
 
 def _norm(label: str) -> str:
@@ -102,17 +103,23 @@ class EventRule:
             name, _, spec = spec.partition("=")
             name = name.strip()
             if not name or not _NAME_OK.match(name):
-                raise EdgesqzError(f"--event {text!r}: the name before '=' must be a word without / # + = , "
+                raise EdgesqzError(f"--event {text[:80]!r}: the name before '=' must be a word without / # + = , "
                                    f"({EVENT_GRAMMAR})")
+            name = options.name(name, "--event: the name before '='", options.EVENT_NAME_MAX)
         zone = None
         head, colon, rest = spec.partition(":")
         if colon and _ZONE_REF.match(head.strip()):
             zone, spec = head.strip(), rest
-        labels = tuple(part.strip() for part in spec.split(",") if part.strip())
+        labels = tuple(options.name(part, "--event: a label", options.EVENT_NAME_MAX)
+                       for part in spec.split(",") if part.strip())
         if not labels:
-            raise EdgesqzError(f"--event {text!r}: no label given; write {EVENT_GRAMMAR}")
-        return cls(labels=labels, min_score=score, name=name or (f"{zone.replace('/', '_')}_{','.join(labels)}"
-                                                                  if zone else ""), zone=zone)
+            raise EdgesqzError(f"--event {text[:80]!r}: no label given; write {EVENT_GRAMMAR}")
+        if not name and zone:
+            name = f"{zone.replace('/', '_')}_{','.join(labels)}"
+        if not name:
+            options.name(",".join(labels), "--event: the labels (the rule's name; give a shorter one with NAME=)",
+                         options.EVENT_NAME_MAX)
+        return cls(labels=labels, min_score=score, name=name, zone=zone)
 
     def watches(self, camera: str | None, zone: str | None) -> bool:
         """Whether the rule applies to this camera's zone (zone None: the camera's whole frame)."""
@@ -148,8 +155,8 @@ def resolve_indices(rule: EventRule, labels: list[str] | None, classes: int) -> 
         by_norm.setdefault(_norm(name), []).append(i)
     out: list[int] = []
     for label in rule.labels:
-        if label.startswith("#") and label[1:].isdigit():
-            index = int(label[1:])
+        index = options.class_index(label)
+        if index is not None:
             if not 0 <= index < classes:
                 raise EdgesqzError(f"--event {rule.name}: class {label} does not exist (the model has {classes} "
                                    f"classes, #0 to #{classes - 1})")
@@ -215,8 +222,9 @@ class Event:
             return True
         return False
 
-    def to_record(self, *, source: str | None = None, device: str | None = None) -> dict[str, Any]:
-        """The ``event`` object of the JSON schema (docs/schema.md)."""
+    def to_record(self, *, source: str | None = None, device: str | None = None,
+                  clock: str = "wall") -> dict[str, Any]:
+        """The ``event`` object of the JSON schema (docs/schema.md); ``clock``: what the times follow."""
         state = "start" if self.state == "active" else "end"
         return record(
             "event",
@@ -228,6 +236,7 @@ class Event:
             min_score=self.rule.min_score,
             device=device,
             source=source,
+            clock=clock,
             timestamp=round(self.timestamp, 6),
             start=round(self.start, 6),
             end=round(self.end, 6) if self.end is not None else None,

@@ -32,6 +32,7 @@ from typing import IO, TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from edgesqz.device import options
 from edgesqz.device.events import (
     DEFAULT_END_S,
     DEFAULT_START_S,
@@ -109,6 +110,7 @@ class EventSink(Sink):
         self.model_identity: dict[str, Any] | None = None
         self.model: str | None = None
         self.fps: float | None = None
+        self.clock = "wall"  # what the frames' timestamps follow: "media" (a video file's own clock) or "wall"
         self.events_started = 0
         self._best: dict[str, Result] = {}
         self._last_timestamp: float | None = None
@@ -187,6 +189,7 @@ class EventSink(Sink):
             self.model = pipeline.classifier.name
             self.model_identity = pipeline.classifier.identity
             self.fps = pipeline.source.fps
+            self.clock = getattr(pipeline.source, "clock", "wall")
         if self.detector is None:
             raise EdgesqzError("EventSink.bind(labels, classes) must be called when there is no pipeline")
         for output in self.outputs:
@@ -244,10 +247,11 @@ class EventSink(Sink):
         outputs = [o for o in self._opened if o.camera is None or o.camera == event.camera]
         for output in outputs:
             output.prepare(event, best)
-        source = self.source
-        if event.camera is not None:
-            source = next((c.source.description for c in self.cameras if c.name == event.camera), source)
-        rec = event.to_record(source=source, device=self.device)
+        source, clock = self.source, self.clock
+        cam = next((c for c in self.cameras if c.name == event.camera), None) if event.camera is not None else None
+        if cam is not None:  # several cameras: the event's own camera, and the clock its frames follow
+            source, clock = cam.source.description, getattr(cam.source, "clock", clock)
+        rec = event.to_record(source=source, device=self.device, clock=clock)
         for output in outputs:
             output.event(rec, event, best)
 
@@ -346,9 +350,7 @@ def event_sink(events: Sequence[str] | None, *, start_s: float | None = None, en
         for option, value in (("--mqtt-discovery", mqtt_discovery), ("--mqtt-ca", mqtt_ca)):
             if value is not None:
                 raise EdgesqzError(f"{option} needs --mqtt URL")
-    device = slug(device_id) if device_id else default_device_id()
-    if device_id is not None and slug(device_id) != device_id:
-        raise EdgesqzError(f"--device-id {device_id!r}: use lower-case letters, digits and _ only (e.g. {device!r})")
+    device = options.device_id(device_id) if device_id is not None else default_device_id()
 
     from edgesqz.device.clips import MediaWriter
     from edgesqz.device.mqtt import MqttOutput
@@ -377,7 +379,10 @@ def event_sink(events: Sequence[str] | None, *, start_s: float | None = None, en
         outputs.append(ConsoleEventOutput())
     if server is not None:
         outputs.append(ServeEventOutput(server))
-    hooks = [WebhookOutput(url) for url in webhooks or ()]
+    from edgesqz.device.shutdown import Drain
+
+    drain = Drain(10.0)  # one deadline for all the URLs together, not 10 s each
+    hooks = [WebhookOutput(url, drain=drain, say=say) for url in webhooks or ()]
     mqtt_out = MqttOutput(mqtt, device=device, discovery=mqtt_discovery, ca_file=mqtt_ca,
                           password=mqtt_password) if mqtt else None
     sink = EventSink(rules, outputs, start_s=DEFAULT_START_S if start_s is None else start_s,

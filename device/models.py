@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 
 from edgesqz.errors import EdgesqzError
+from edgesqz.fileio import file_kind
 
 PACKAGED_MODEL = "squeezenet1_1-int8.tflite"
 CONVERT_HINT = "edgesqz convert --int8 --weights squeezenet1_1.pth --calib DIR"
@@ -54,12 +55,20 @@ def choose_model(model: str | os.PathLike[str] | None = None) -> ModelChoice:
     if env:
         path = Path(env).expanduser()
         if not path.exists():
-            raise EdgesqzError(f"EDGESQZ_MODEL={env} does not exist; point it at a .tflite model or unset it")
+            raise EdgesqzError(f"EDGESQZ_MODEL={env} does not exist; point it at a .tflite model or unset it "
+                               "(unset EDGESQZ_MODEL)")
+        if not path.is_file():
+            raise EdgesqzError(f"EDGESQZ_MODEL={env} is {file_kind(path.stat().st_mode)}, not a .tflite model file; "
+                               "point it at one or unset it (unset EDGESQZ_MODEL)")
         return ModelChoice(path, "env")
     from edgesqz.paths import default_model_path
 
     latest = default_model_path()
     if latest.exists():
+        if not latest.is_file():
+            raise EdgesqzError(f"the default model {latest} is {file_kind(latest.stat().st_mode)}, not a .tflite "
+                               f"file; remove it (rm {latest}) to use the installed default model, or pass "
+                               "--model FILE.tflite")
         return ModelChoice(latest, "latest")
     if latest.is_symlink():
         raise EdgesqzError(f"the default model {latest} links to {os.readlink(latest)}, which does not exist; make a "

@@ -38,13 +38,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
 from edgesqz._version import __version__
+from edgesqz.device import options
 from edgesqz.device.events import slug
 from edgesqz.device.eventsink import EventOutput
+from edgesqz.device.shutdown import HURRY
 from edgesqz.errors import EdgesqzError
 from edgesqz.schema import dumps, record
 
@@ -55,8 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("edgesqz.device.mqtt")
 
-MQTT_USAGE = "--mqtt takes mqtt://[USER[:PASSWORD]@]HOST[:PORT][/TOPIC-PREFIX] (mqtts:// for TLS)"
-DEFAULT_PREFIX = "edgesqz"
+MQTT_USAGE = options.MQTT_USAGE
+DEFAULT_PREFIX = options.MQTT_DEFAULT_PREFIX
 DEFAULT_DISCOVERY = "homeassistant"
 PASSWORD_ENV = "EDGESQZ_MQTT_PASSWORD"
 LABEL_INTERVAL_S = 1.0
@@ -84,26 +85,18 @@ class MqttTarget:
 
 
 def parse_mqtt_url(url: str, environ: dict[str, str] | None = None) -> MqttTarget:
-    """``mqtt://[user[:pass]@]host[:port][/prefix]``; a user without a password reads ``$EDGESQZ_MQTT_PASSWORD``."""
+    """``mqtt://[user[:pass]@]host[:port][/prefix]``; a user without a password reads ``$EDGESQZ_MQTT_PASSWORD``.
+
+    Checked as the network and the broker will see it (:mod:`edgesqz.device.options`): an IDNA host
+    name, a port from 1 to 65535 (``:0`` is refused, not taken as the default), a prefix that is a valid
+    MQTT topic (no wildcards, no control characters, not ``$SYS/...``, at most 200 characters).
+    """
     environ = os.environ if environ is None else environ
-    parts = urlsplit(url.strip())
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise EdgesqzError(f"{MQTT_USAGE}, not {url!r}")
-    try:
-        port = parts.port
-    except ValueError:
-        raise EdgesqzError(f"{MQTT_USAGE}, not {url!r} (the port is a number from 1 to 65535)") from None
-    if "?" in url or "#" in url:
-        raise EdgesqzError(f"{MQTT_USAGE}, not {url!r} (no ? or #: the topic prefix may not hold wildcards)")
-    prefix = unquote(parts.path).strip("/") or DEFAULT_PREFIX
-    if any(c in prefix for c in "+#\0") or "//" in prefix:
-        raise EdgesqzError(f"--mqtt {url!r}: the topic prefix {prefix!r} may not contain + # or empty levels")
-    tls = parts.scheme == "mqtts"
-    username = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password is not None else None
+    target, prefix = options.mqtt_url(url)
+    username, password = target.username, target.password
     if username and password is None:
         password = environ.get(PASSWORD_ENV)
-    return MqttTarget(host=parts.hostname, port=port or (8883 if tls else 1883), prefix=prefix, tls=tls,
+    return MqttTarget(host=target.host, port=target.port, prefix=prefix, tls=target.scheme == "mqtts",
                       username=username, password=password)
 
 
@@ -221,18 +214,13 @@ class MqttOutput(EventOutput):
         self.target = parse_mqtt_url(url)
         if password is not None and self.target.username and self.target.password is None:
             self.target = dataclasses.replace(self.target, password=password)
-        disc = DEFAULT_DISCOVERY if discovery is None else discovery.strip().strip("/")
-        if disc.lower() in ("off", "none", "no", "false", ""):
-            disc = ""
-        elif any(c in disc for c in "+#"):
-            raise EdgesqzError(f"--mqtt-discovery {discovery!r}: a topic prefix without + or # (or 'off')")
-        self.discovery = disc
+        self.discovery = options.mqtt_discovery(discovery)
         if ca_file is not None and not Path(ca_file).is_file():
             raise EdgesqzError(f"--mqtt-ca {ca_file}: no such file")
         if ca_file is not None and not self.target.tls:
             raise EdgesqzError("--mqtt-ca needs an mqtts:// URL")
         self.ca_file = ca_file
-        self.topics = Topics(self.target.prefix, device)
+        self.topics = Topics(self.target.prefix, options.mqtt_topic_level(device, "--device-id"))
         self.max_queued = max_queued
         self.keepalive = keepalive
         self.client_id = client_id or f"edgesqz-{device}-{secrets.token_hex(3)}"
@@ -304,8 +292,9 @@ class MqttOutput(EventOutput):
         self._first.wait(CONNECT_WAIT_S)
         if self._refused is not None:
             self._stop_client()
-            raise EdgesqzError(f"--mqtt: the broker at {where} refused the connection: {self._refused}; check the "
-                               f"user name and password (mqtt://USER:PASSWORD@HOST, or ${PASSWORD_ENV})")
+            hint = (f"; check the user name and password (mqtt://USER:PASSWORD@HOST, or ${PASSWORD_ENV})"
+                    if self._refused in _AUTH_FAILURES else "")
+            raise EdgesqzError(f"--mqtt: the broker at {where} refused the connection: {self._refused}{hint}")
         if self.connected.is_set():
             say(f"mqtt: connected to {self.target.describe()}; publishing under {self.topics.base}/"
                 + (f", Home Assistant discovery under {self.discovery}/" if self.discovery else ""))
@@ -319,7 +308,7 @@ class MqttOutput(EventOutput):
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if reason.is_failure:
             name = reason.getName() if hasattr(reason, "getName") else str(reason)
-            if not self._first.is_set() and name in _AUTH_FAILURES:
+            if not self._first.is_set():  # the broker answered, and said no: its reason, not "cannot reach"
                 self._refused = name
                 self._first.set()
                 return
@@ -337,7 +326,7 @@ class MqttOutput(EventOutput):
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self.connected.clear()
-        if not self._closed and not self._outage_warned:
+        if not self._closed and not self._outage_warned and self._refused is None:
             self._outage_warned = True
             log.warning("warning: mqtt: lost the connection to %s:%d (%s); reconnecting, events are queued",
                         self.target.host, self.target.port, reason)
@@ -512,7 +501,7 @@ class MqttOutput(EventOutput):
         while time.monotonic() < deadline:
             with self._lock:
                 left = len(self._unacked)
-            if not left:
+            if not left or HURRY.is_set():  # a second Ctrl-C: do not wait
                 break
             time.sleep(0.02)
         if left:

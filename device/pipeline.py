@@ -3,9 +3,14 @@
 ``Pipeline(source, classifier, sinks).run()`` is all ``edgesqz run`` does. The source's reader
 thread decodes and prepares frame N+1 while the interpreter runs on frame N; the main thread
 only sets the input tensor, invokes, post-processes and hands the :class:`Result` to each sink.
-SIGINT, SIGTERM and SIGHUP (a dropped SSH session) stop the loop cleanly (a second SIGINT
-interrupts at once); the sinks then receive the :class:`Summary`, so JSON lines end with it and a
-recording is finalised. A SIGHUP that is ignored (``nohup``) stays ignored.
+SIGINT, SIGTERM and SIGHUP (a dropped SSH session) stop the loop cleanly; the sinks then receive the
+:class:`Summary`, so JSON lines end with it and a recording is finalised. A second SIGINT never
+interrupts that (a KeyboardInterrupt in the middle of finalising a video aborted the process in the
+encoder's C++ thread, rc 134, and left the clip it had announced as a hidden ``.part``): it sets
+:data:`edgesqz.device.shutdown.HURRY` instead, so the drains at the end (webhooks, MQTT, queued clip
+frames) stop waiting and the run ends within a second or two, with every announced file complete.
+When the close was quicker than the second Ctrl-C, that one is absorbed too (within 2 s after the run).
+A SIGHUP that is ignored (``nohup``) stays ignored.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 from edgesqz.device.classifier import Classifier
 from edgesqz.device.config import CameraConfig
 from edgesqz.device.results import Result, Summary, ZoneResult
+from edgesqz.device.shutdown import HURRY
 from edgesqz.device.sinks import Sink
 from edgesqz.device.site import CameraRun
 from edgesqz.device.sources import Frame, FrameSource
@@ -291,7 +297,7 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _signals(self) -> Iterator[None]:
-        """SIGINT/SIGTERM/SIGHUP -> stop after the current frame; a second SIGINT interrupts at once."""
+        """SIGINT/SIGTERM/SIGHUP -> stop after the current frame; a second SIGINT -> hurry the end (HURRY)."""
         if not self.handle_signals or threading.current_thread() is not threading.main_thread():
             yield
             return
@@ -299,8 +305,11 @@ class Pipeline:
         def handler(signum: int, _frame: Any) -> None:
             name = signal.Signals(signum).name
             if self.stopping and signum == signal.SIGINT:
-                raise KeyboardInterrupt
+                HURRY.set()  # never KeyboardInterrupt while closing: shorten the drains instead
+                return
             self.stop(name)
+
+        HURRY.clear()
 
         previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS
                     if not (s == signal.SIGHUP and signal.getsignal(s) is signal.SIG_IGN)}  # nohup
@@ -309,3 +318,20 @@ class Pipeline:
         finally:
             for s, h in previous.items():
                 signal.signal(s, h)
+            self._absorb_late_sigint(previous.get(signal.SIGINT))
+
+    def _absorb_late_sigint(self, previous: Any, grace_s: float = 2.0) -> None:
+        """After a run a signal stopped, the second Ctrl-C may come just after the (quick) close: within
+        ``grace_s`` it only sets HURRY, once, instead of interrupting the exit that is under way."""
+        if not (callable(previous) and self._stop_reason in {s.name for s in STOP_SIGNALS}) or HURRY.is_set():
+            return
+        until = time.monotonic() + grace_s
+
+        def late(signum: int, frame: Any) -> None:
+            signal.signal(signal.SIGINT, previous)
+            if time.monotonic() < until:
+                HURRY.set()
+                return
+            previous(signum, frame)
+
+        signal.signal(signal.SIGINT, late)

@@ -78,6 +78,16 @@ def serve_sink(cfg: RunConfig, info: Callable[[str], None] = _say) -> Any:
     return sink
 
 
+def check_values(cfg: RunConfig) -> None:
+    """Every event, MQTT and webhook value, checked before anything opens (device/options.py)."""
+    from edgesqz.device.options import check_run
+
+    ev, mq = cfg.events, cfg.mqtt
+    check_run(events=ev.rules, event_start=ev.start, event_end=ev.end, preroll=ev.preroll, keep=ev.keep,
+              max_disk=ev.max_disk, mqtt=mq.url, mqtt_discovery_prefix=mq.discovery, device=mq.device_id,
+              webhooks=cfg.webhooks)
+
+
 def open_cameras(cfg: RunConfig) -> list[Any]:
     """One :class:`CameraRun` per camera of the configuration, not started. With one camera, it is opened here
     (a missing camera or an unreadable video is an error now); with several, each opens in its own thread and
@@ -101,6 +111,7 @@ def run_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> Summary:
     from edgesqz.device.sinks import ConsoleSink, JsonLinesSink, Sink, VideoRecordSink, WindowSink, display_status
     from edgesqz.fileio import check_distinct, check_output
 
+    check_values(cfg)
     choice = choose_model(cfg.model)
     receiver, swap_to = _receiver(cfg, info)  # with --trust: the model last deployed here runs from the start
     if receiver is not None and receiver.current_path is not None:
@@ -336,6 +347,10 @@ def check_site(cfg: RunConfig, *, info: Callable[[str], None] = _say) -> list[st
         parse_reconnect(cfg.reconnect)
     except EdgesqzError as exc:
         raise located(("reconnect",), exc) from None
+    try:
+        check_values(cfg)
+    except EdgesqzError as exc:
+        raise located(("events",), exc) from None
     for cam in cfg.cameras:
         if cam.camera is not None:
             try:

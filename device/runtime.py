@@ -91,7 +91,7 @@ def check_model_file(path: str | os.PathLike[str]) -> bytes:
     :func:`edgesqz.tflite_validate.validate_model` checks every index, shape and size the runtime
     will trust; :func:`edgesqz.tflite_metadata.read_metadata` the embedded metadata.
     """
-    from edgesqz.fileio import read_capped
+    from edgesqz.fileio import read_regular
     from edgesqz.tflite_metadata import read_metadata
     from edgesqz.tflite_validate import MAX_MODEL_BYTES, validate_model
 
@@ -103,11 +103,7 @@ def check_model_file(path: str | os.PathLike[str]) -> bytes:
         raise EdgesqzError(f"model {path} does not exist")
     if path.is_dir():
         raise EdgesqzError(f"model {path} is a folder; pass the .tflite file")
-    try:
-        with path.open("rb") as f:
-            data = read_capped(f, MAX_MODEL_BYTES)
-    except OSError as exc:
-        raise EdgesqzError(f"cannot read model {path}: {exc.strerror or exc}") from exc
+    data = read_regular(path, MAX_MODEL_BYTES, "model")  # a FIFO or /dev/zero is refused before any read
     src = f"model {path}"
     if data is None:
         raise EdgesqzError(f"{src} is larger than {MAX_MODEL_BYTES >> 20} MiB, the most edgesqz accepts; is it a "

@@ -6,8 +6,9 @@ Endpoints (GET and HEAD only; anything else is 405):
 - ``/stream.mjpg`` the annotated frames as MJPEG (``multipart/x-mixed-replace``);
 - ``/frame.jpg`` the newest annotated frame;
 - ``/events`` server-sent events: each frame's ``classification`` object exactly as ``--json``
-  prints it, then the ``run_summary`` when the run ends (``id:`` is a sequence number;
-  ``Last-Event-ID`` resumes from the last 256);
+  prints it, then the ``run_summary`` when the run ends (``id:`` is ``RUN-N``: this run's id and a
+  sequence number; a ``Last-Event-ID`` of this run resumes from the last 256, any other, e.g. from
+  before a service restart, starts from now);
 - ``/status`` a ``serve_status`` JSON object (counters, recent latency, model and device facts, recent events);
 - ``/snapshot/ID.jpg`` a recent event's best frame (with ``--event``; the last 32 events, held in memory).
 
@@ -32,6 +33,7 @@ import logging
 import math
 import os
 import platform
+import secrets
 import socket
 import socketserver
 import threading
@@ -169,6 +171,7 @@ class _Hub:
         self._frame_seq = 0
         self._events: deque[tuple[int, bytes]] = deque(maxlen=EVENT_HISTORY)
         self._event_seq = 0
+        self.run_id = secrets.token_hex(4)  # in every SSE id: a Last-Event-ID from another run is not ours
         self._viewers = {"stream": 0, "events": 0}
         self.frames_encoded = 0
         self.closed = False
@@ -185,7 +188,7 @@ class _Hub:
     def publish_event(self, data: str) -> None:
         with self._cond:
             self._event_seq += 1
-            payload = f"id: {self._event_seq}\ndata: {data}\n\n".encode()
+            payload = f"id: {self.run_id}-{self._event_seq}\ndata: {data}\n\n".encode()
             self._events.append((self._event_seq, payload))
             self._cond.notify_all()
 
@@ -209,6 +212,16 @@ class _Hub:
 
     def last_event_id(self) -> int:
         return self._event_seq
+
+    def resume_after(self, header: str | None) -> int:
+        """Where a viewer's ``/events`` starts: after its ``Last-Event-ID`` when that is one of this run's ids
+        (``RUN-N`` with N not beyond the newest), else with the newest event (a new viewer; an id from
+        another run, after a restart; a garbage or huge number)."""
+        newest = self._event_seq
+        run, _, seq = (header or "").strip().partition("-")
+        if run == self.run_id and seq.isascii() and seq.isdigit() and len(seq) <= 18 and int(seq) <= newest:
+            return int(seq)
+        return max(0, newest - 1)
 
     def events_after(self, after: int, timeout: float) -> list[tuple[int, bytes]]:
         """The kept events newer than ``after`` (waiting up to ``timeout`` for one); [] on timeout or close."""
@@ -649,8 +662,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._headers(HTTPStatus.OK, "text/event-stream; charset=utf-8")
             return
         hub = self.server.app.hub
-        resume = self.headers.get("Last-Event-ID", "")
-        after = int(resume) if resume.isascii() and resume.isdigit() else max(0, hub.last_event_id() - 1)
+        after = hub.resume_after(self.headers.get("Last-Event-ID"))
         try:
             with hub.viewer("events"):
                 self._headers(HTTPStatus.OK, "text/event-stream; charset=utf-8", [("X-Accel-Buffering", "no")])

@@ -247,7 +247,13 @@ function finish(summary) {
 
 events.onopen = () => { if (!ended) setState("live", "live"); };
 events.onerror = () => { if (!ended) setState("reconnecting", "warn"); };
+let runId = "";
 events.onmessage = (e) => {
+  const run = (e.lastEventId || "").split("-")[0];
+  if (run !== runId) {  // a new run (the service restarted): its events replace the old list
+    if (runId) poll();
+    runId = run;
+  }
   const r = JSON.parse(e.data);
   if (r.kind === "run_summary") {
     finish(r);

@@ -16,7 +16,6 @@ the camera's reader thread, so the interpreter only ever waits for ``invoke``.
 from __future__ import annotations
 
 import threading
-import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -117,7 +116,7 @@ class CameraRun:
             return whole
 
         def zoned(frame: Frame) -> None:
-            now = time.monotonic()
+            now = frame.timestamp  # the source's clock: a video file's own time when it is read at full speed
             inputs = []
             for zone in self.zones:
                 crop, rect = zone.crop(frame.image)

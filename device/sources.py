@@ -56,7 +56,10 @@ class Frame:
 
     image: np.ndarray  # BGR uint8 as decoded (HxWx3, or HxWx4 BGRA from some cameras)
     index: int  # position in the source, 0-based; gaps are frames dropped by a live source
-    timestamp: float  # wall clock (time.time()) when the frame was captured
+    # Unix time of the frame. Live sources (cameras, streams, a file played with --fps): the wall clock
+    # (time.time()) when it was captured. A video file read as fast as possible: the source's own clock,
+    # the wall time of its first frame plus the frame's media timestamp (see FrameSource.clock).
+    timestamp: float
     captured: float  # time.perf_counter() at capture, for latencies
     name: str | None = None  # the file name, for image sources
     input: np.ndarray | None = None  # the model input, when the source was started with ``prepare``
@@ -107,6 +110,14 @@ class OpenCVCapture:
         self.decode_threads = decode_threads
         self.description = description or (f"camera {target}" if isinstance(target, int) else str(target))
         self._cap: Any = None
+        self.media_s: float | None = None  # a video file's clock: the last frame's media timestamp, in seconds
+        self._media_offset = 0.0  # with --loop: where the current pass starts on the clock
+        self._frames_read = 0  # in this pass
+
+    @property
+    def media_clock(self) -> bool:
+        """A video file has its own clock (its timestamps); cameras and streams are timed by the wall clock."""
+        return not self.is_camera and not self.is_stream
 
     @property
     def is_camera(self) -> bool:
@@ -184,8 +195,27 @@ class OpenCVCapture:
         if not ok and self.loop and not self.is_camera and not self.is_stream:
             self.close()
             self.open()
+            if self.media_s is not None:  # the next pass continues the clock, one frame later
+                self._media_offset = self.media_s + 1.0 / (self.fps or 30.0)
+            self._frames_read = 0
             ok, image = self._cap.read()
-        return (image, None) if ok and image is not None else None
+        if not (ok and image is not None):
+            return None
+        if self.media_clock:
+            self._tick()
+        return image, None
+
+    def _tick(self) -> None:
+        """The media timestamp of the frame just read: its PTS (CAP_PROP_POS_MSEC), else frame index / fps."""
+        pts = self._cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
+        fps = self.fps or 30.0
+        if not math.isfinite(pts) or pts < 0 or (pts == 0 and self._frames_read > 0):
+            pts = self._frames_read / fps
+        self._frames_read += 1
+        media = self._media_offset + pts
+        if self.media_s is not None and media <= self.media_s:  # never backwards, whatever the file says
+            media = self.media_s + 1e-6
+        self.media_s = media
 
     def close(self) -> None:
         if self._cap is not None:
@@ -317,6 +347,8 @@ class PacedCapture:
         self._t0, self._n = time.perf_counter(), 0
 
     def read(self) -> tuple[np.ndarray, str | None] | None:
+        if self._n == 0:  # the playback clock starts with the first frame asked for, not at open (no burst
+            self._t0 = time.perf_counter()  # after a slow start, e.g. waiting 5 s for an MQTT broker)
         due = self._t0 + self._n / self.rate
         delay = due - time.perf_counter()
         if delay > 0:
@@ -422,6 +454,14 @@ class FrameSource:
         self._open_in_thread = False
         self.state = "connecting"  # online, reconnecting, ended, unavailable
         self.notify: threading.Event | None = None  # set whenever a frame arrives or the source ends
+        self._media_anchor: float | None = None  # wall time of media time 0 (clock "media")
+
+    @property
+    def clock(self) -> str:
+        """``"media"``: frames are timed by the file's own timestamps (a video file read as fast as it decodes,
+        not live), so events happen at the right moments of the video however fast it is processed;
+        ``"wall"``: by the wall clock at capture (cameras, streams, a file played live with --fps, images)."""
+        return "media" if not self.live and getattr(self.capture, "media_clock", False) else "wall"
 
     def _stop_aware_sleep(self, delay: float) -> None:
         self._stop.wait(delay)
@@ -576,7 +616,13 @@ class FrameSource:
         raise EdgesqzError(f"{self.description} did not open after {attempts} more attempts ({last})")
 
     def _emit(self, image: np.ndarray, name: str | None) -> None:
-        frame = Frame(image=image, index=self.captured, timestamp=time.time(), captured=time.perf_counter(),
+        timestamp = time.time()
+        media = getattr(self.capture, "media_s", None) if self.clock == "media" else None
+        if media is not None:
+            if self._media_anchor is None:
+                self._media_anchor = timestamp - media
+            timestamp = self._media_anchor + media
+        frame = Frame(image=image, index=self.captured, timestamp=timestamp, captured=time.perf_counter(),
                       name=name)
         self.captured += 1
         if self._prepare_frame is not None:

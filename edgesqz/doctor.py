@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import sys
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -97,26 +98,51 @@ def _runtime(findings: list[Finding]) -> bool:
     return True
 
 
-def _model(findings: list[Finding]) -> bool:
-    """The model ``run``/``classify`` would use without --model (resolved the same way), loaded for real."""
-    from edgesqz.device.classifier import Classifier
-    from edgesqz.device.models import CONVERT_HINT, ORIGINS, NoModelError, choose_model
-    from edgesqz.errors import EdgesqzError
+def _model_fix(origin: str | None, path: object) -> str:
+    """A fix that works on this machine: never ``edgesqz convert`` where TensorFlow is missing (a device)."""
+    from edgesqz.device.models import CONVERT_HINT
 
-    fix = f"make a new one with `{CONVERT_HINT}` (run and classify use it), or pass --model FILE.tflite"
+    convert = f"; or make a new one with `{CONVERT_HINT}`" if sysinfo.importable("tensorflow") else ""
+    if origin == "env":
+        return f"unset EDGESQZ_MODEL (the default model is then used), or point it at a working .tflite file{convert}"
+    if origin == "latest":
+        return (f"rm {shlex.quote(str(path))} (the model installed with edgesqz is then used), or pass --model "
+                f"FILE.tflite to run/classify{convert}")
+    return f"pass --model FILE.tflite to run/classify{convert}"
+
+
+def _model(findings: list[Finding]) -> bool:
+    """The model ``run``/``classify`` would use without --model (resolved the same way), loaded for real.
+
+    The finding names what was judged (``EDGESQZ_MODEL=...``, the ``latest.tflite`` that convert wrote,
+    the installed default) and gives a fix that works here: on a device without TensorFlow never
+    ``edgesqz convert``.
+    """
+    import os
+
+    from edgesqz.device.classifier import Classifier
+    from edgesqz.device.models import ORIGINS, NoModelError, choose_model
+    from edgesqz.errors import EdgesqzError
+    from edgesqz.paths import default_model_path
+
     try:
         choice = choose_model(None)
         path = choice.path
     except NoModelError as exc:
-        findings.append(Finding("model", "warn", str(exc).split(";")[0], fix))
+        findings.append(Finding("model", "warn", str(exc).split(";")[0], _model_fix(None, None)))
         return True
     except EdgesqzError as exc:
-        findings.append(Finding("model", "fail", str(exc).split("; make")[0], fix))
+        origin = "env" if os.environ.get("EDGESQZ_MODEL") else "latest"
+        detail = str(exc).split("; make")[0].split("; point it")[0].split("; remove it")[0]
+        findings.append(Finding("model", "fail", detail, _model_fix(origin, default_model_path())))
         return False
     try:
         clf = Classifier(path, threads=1)
     except EdgesqzError as exc:
-        findings.append(Finding("model", "fail", f"the default model cannot be used: {exc}", fix))
+        judged = {"env": f"EDGESQZ_MODEL={os.environ.get('EDGESQZ_MODEL')}",
+                  "latest": f"{path} (the model edgesqz convert wrote last)",
+                  "packaged": f"{path} (the model installed with edgesqz)"}.get(choice.origin, str(path))
+        findings.append(Finding("model", "fail", f"{judged} cannot be used: {exc}", _model_fix(choice.origin, path)))
         return False
     findings.append(Finding("model", "ok", f"{path}: {ORIGINS[choice.origin]} ({clf.name}; {clf.input_size}x"
                                            f"{clf.input_size} input, {clf.num_classes} classes)"))

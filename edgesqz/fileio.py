@@ -69,6 +69,55 @@ def read_capped(f: IO[bytes], limit: int) -> bytes | None:
     return None if total > limit else b"".join(chunks)
 
 
+def file_kind(mode: int) -> str:
+    """What a file is, from its ``st_mode``: "a regular file", "a FIFO (named pipe)", "a character device"..."""
+    for test, text in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a folder"),
+                       (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return text
+    return "not a regular file"
+
+
+def read_regular(path: str | os.PathLike[str], limit: int, what: str = "file") -> bytes | None:
+    """The whole content of the regular file ``path`` (or a symlink to one), or None when it is over ``limit``.
+
+    Anything else (a FIFO, which would block the open or the read forever; ``/dev/zero``, which never
+    ends; a folder) is refused before a byte is read: stat first (nothing with side effects is even
+    opened), then the opened descriptor is checked again (``O_NONBLOCK``: a FIFO swapped in meanwhile
+    cannot hang the open), and the size is taken from that stat, so no more than it is ever read.
+    Errors are :class:`EdgesqzError` naming ``what`` and ``path``.
+    """
+    def refuse(mode: int) -> EdgesqzError:
+        return EdgesqzError(f"{what} {path} is {file_kind(mode)}, not a regular file; give a file")
+
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse(info.st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise EdgesqzError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise refuse(info.st_mode)
+        if info.st_size > limit:
+            return None
+        chunks, total = [], 0
+        while total < info.st_size:
+            chunk = os.read(fd, min(1 << 24, info.st_size - total))
+            if not chunk:
+                break  # the file shrank meanwhile: what is there is all there is
+            chunks.append(chunk)
+            total += len(chunk)
+        return b"".join(chunks)
+    except OSError as exc:
+        raise EdgesqzError(f"cannot read {what} {path}: {exc.strerror or exc}") from exc
+    finally:
+        os.close(fd)
+
+
 def is_special(path: str | os.PathLike[str]) -> bool:
     """An existing character device, FIFO or socket (``/dev/null``, ``/dev/stdout``, a named pipe): written to
     as it is, never replaced."""

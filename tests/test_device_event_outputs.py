@@ -16,9 +16,9 @@ from test_device_run import CLI, edgesqz, jsonl, one_error_line
 
 from edgesqz.schema import KINDS
 
-EVENT_KEYS = {"schema", "kind", "state", "id", "name", "label", "labels", "min_score", "device", "source", "timestamp",
-              "start", "end", "duration_s", "frames", "first_frame", "last_frame", "peak_frame", "peak_score",
-              "mean_score", "reason", "snapshot", "clip"}
+EVENT_KEYS = {"schema", "kind", "state", "id", "name", "label", "labels", "min_score", "device", "source", "clock",
+              "timestamp", "start", "end", "duration_s", "frames", "first_frame", "last_frame", "peak_frame",
+              "peak_score", "mean_score", "reason", "snapshot", "clip"}
 
 
 @pytest.fixture(scope="module")

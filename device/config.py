@@ -577,9 +577,11 @@ def finish(cfg: RunConfig) -> RunConfig:
                 raise _error_at((*where, "zones", n), f"camera {cam.name!r} has two zones called {n!r}")
         for value, what in ((cam.width, "width"), (cam.height, "height")):
             if value is not None and not 0 < value <= 10000:
-                raise _error_at((*where, what), f"camera {cam.name!r}: {what} must be 1..10000 pixels, got {value}")
-        if cam.fps is not None and not 0 < cam.fps <= 1000:
-            raise _error_at((*where, "fps"), f"camera {cam.name!r}: fps must be in (0, 1000], got {cam.fps:g}")
+                raise _error_at((*where, what), f"--{what} must be > 0 and at most 10000 pixels (camera "
+                                                f"{cam.name!r}), got {value}")
+        if cam.fps is not None and not (math.isfinite(cam.fps) and 0 < cam.fps <= 1000):
+            raise _error_at((*where, "fps"), f"--fps must be > 0 and at most 1000 (camera {cam.name!r}), got "
+                                             f"{cam.fps:g}")
     names = [c.name for c in cfg.cameras]
     for i, n in enumerate(names):
         if n in names[:i]:

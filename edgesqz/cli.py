@@ -272,6 +272,11 @@ def train(
                                                  "schedule).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote OUTPUT.")] = False,
+    weight_bits: Annotated[int | None, typer.Option("--weight-bits", help="4: quantisation-aware fine-tuning of the "
+                                                    "last epochs on 4-bit weights (every convolution but the first), "
+                                                    "for 'convert' to store as they are.")] = None,
+    qat_epochs: Annotated[int | None, typer.Option("--qat-epochs", help="With --weight-bits 4: how many of the last "
+                                                   "epochs train on 4-bit weights (default a quarter).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON at the end.")] = False,
 ) -> None:
     """Fine-tune SqueezeNet on your own images; then convert it with --weights OUTPUT.keras."""
@@ -283,7 +288,8 @@ def train(
 
     opts = TrainOptions(data=data, output=output, val=val, val_split=val_split, arch=arch, init=init,
                         weights=weights, epochs=epochs, batch_size=batch_size, input_size=input_size,
-                        learning_rate=learning_rate, patience=patience, force=force, resume=resume)
+                        learning_rate=learning_rate, patience=patience, force=force, resume=resume,
+                        weight_bits=weight_bits, qat_epochs=qat_epochs)
     result = run_train(opts, verbose=0 if json_out else 1)
     if result.skipped:
         err.print(f"[yellow]warning:[/] skipped {result.skipped} unreadable images")

@@ -48,7 +48,7 @@ def size_arg(text: str) -> int:
 
 
 def interval(p: float, n: int) -> list[float]:
-    half = 196 * math.sqrt(max(p * (100 - p), 1e-9) / n) / 10
+    half = 1.96 * math.sqrt(max(p * (100 - p), 1e-9) / n)
     return [round(max(p - half, 0.0), 2), round(min(p + half, 100.0), 2)]
 
 

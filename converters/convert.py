@@ -338,33 +338,51 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         advance(1)
     class_map = opts.head != "logits"  # the standard head averages the class map in float, after the int8 body
     io = opts.io or ("uint8" if opts.head == "probabilities" else "int8")
-    try:
-        if opts.via == "onnx2tf":
-            # --ptq best hands the prepared weights (pixels in, rounded) to PyTorch -> ONNX -> onnx2tf
-            tflite = _via_onnx2tf(to_convert if improved else model, arch, pre, opts, calibration, out_path,
-                                  prepared=improved, class_map=class_map,
-                                  io="int8" if opts.head == "probabilities" else io)
-        else:
+
+    def build(to_convert: Any, plan: Any) -> bytes:
+        try:
+            if opts.via == "onnx2tf":
+                # --ptq best hands the prepared weights (pixels in, rounded) to PyTorch -> ONNX -> onnx2tf
+                tflite = _via_onnx2tf(to_convert if improved else model, arch, pre, opts, calibration, out_path,
+                                      prepared=improved, class_map=class_map,
+                                      io="int8" if opts.head == "probabilities" else io)
+            else:
+                with captured_output(log):
+                    tflite = to_tflite(class_map_model(to_convert) if class_map else to_convert, opts.fmt,
+                                       representative=representative,  # type: ignore[arg-type]
+                                       io="int8" if opts.head == "probabilities" else io)  # type: ignore[arg-type]
+            if opts.head == "probabilities":
+                from edgesqz.converters.standard_head import EDGETPU_OPTIONS, add_probability_head
+
+                tflite = add_probability_head(tflite, uint8_input=opts.fmt == "int8" and io == "uint8",
+                                              **(EDGETPU_OPTIONS if opts.edgetpu else {}))
+            if plan is not None and plan.grids:
+                from edgesqz.tflite_int4 import write_int4
+
+                tflite = write_int4(tflite, plan.grids)
+        except EdgesqzError:
+            raise
+        except Exception as exc:  # the converter raises many types; keep its log for the user
+            log_path = out_path.with_suffix(".convert.log")
+            atomic_write(log_path, "".join(log).encode())
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EdgesqzError(f"the TFLite converter failed: {first[:160]} (its log: {log_path})") from exc
+        return tflite
+
+    tflite = build(to_convert, plan)
+    if budget is not None and plan is not None:
+        # The file's size besides the kernels is now known exactly (metadata estimated with the accuracy block's
+        # room); choose the bits again for it when the estimate missed, and convert once more.
+        draft = _model_info(opts, arch, pre, labels, resolved, calibration, None, classes, improved, io)
+        room = 600 + 60 * len(plan.bits) + (3000 if opts.check else 0)  # the weights block, the accuracy block
+        besides = len(_embed(tflite, draft, labels, arch, opts, pre)) - plan.weight_bytes() + room
+        budget, again = _measured_budget(budget, besides, plan)
+        if again:
+            advance = progress("choosing bits again for the measured file overhead", 1)
             with captured_output(log):
-                tflite = to_tflite(class_map_model(to_convert) if class_map else to_convert, opts.fmt,
-                                   representative=representative,  # type: ignore[arg-type]
-                                   io="int8" if opts.head == "probabilities" else io)  # type: ignore[arg-type]
-        if opts.head == "probabilities":
-            from edgesqz.converters.standard_head import EDGETPU_OPTIONS, add_probability_head
-
-            tflite = add_probability_head(tflite, uint8_input=opts.fmt == "int8" and io == "uint8",
-                                          **(EDGETPU_OPTIONS if opts.edgetpu else {}))
-        if plan is not None and plan.grids:
-            from edgesqz.tflite_int4 import write_int4
-
-            tflite = write_int4(tflite, plan.grids)
-    except EdgesqzError:
-        raise
-    except Exception as exc:  # the converter raises many types; keep its log for the user
-        log_path = out_path.with_suffix(".convert.log")
-        atomic_write(log_path, "".join(log).encode())
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EdgesqzError(f"the TFLite converter failed: {first[:160]} (its log: {log_path})") from exc
+                plan = plan.rebudget(budget.weights)
+            tflite = build(plan.model, plan)
+            advance(1)
 
     accuracy_block = None
     if opts.check:
@@ -383,14 +401,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
                          "max_size": opts.max_size}
         info["quantization"]["weights"] = {k: v for k, v in weights_block.items() if k != "layers"}
         info["quantization"]["weights"]["bits_per_layer"] = plan.bits
-    from edgesqz.tflite_metadata import embed_metadata
-
-    final = embed_metadata(
-        tflite, labels=list(labels.names), info=info, name=f"{arch.label} ({opts.fmt})",
-        description=f"{arch.label} image classifier, {opts.fmt}, {pre.size}x{pre.size} RGB pixels in "
-                    "(normalisation inside the model); made by edgesqz",
-        version=str(info["edgesqz_version"]), mean=[0.0], std=[1.0], input_min=0.0, input_max=255.0,
-    )
+    final = _embed(tflite, info, labels, arch, opts, pre)
     graph = graph_summary(tflite)
     rep = report(
         "convert_report",
@@ -462,6 +473,35 @@ def _size_budget(opts: ConvertOptions, float_model: Any, labels: Labels) -> Size
                            f"model (every convolution but the first 4-bit) takes about {smallest:,} bytes "
                            f"(all 8-bit: {largest:,})")
     return SizeBudget(opts.max_size, overhead)
+
+
+def _embed(tflite: bytes, info: dict[str, Any], labels: Labels, arch: Architecture, opts: ConvertOptions,
+           pre: Preprocessing) -> bytes:
+    from edgesqz.tflite_metadata import embed_metadata
+
+    return embed_metadata(
+        tflite, labels=list(labels.names), info=info, name=f"{arch.label} ({opts.fmt})",
+        description=f"{arch.label} image classifier, {opts.fmt}, {pre.size}x{pre.size} RGB pixels in "
+                    "(normalisation inside the model); made by edgesqz",
+        version=str(info["edgesqz_version"]), mean=[0.0], std=[1.0], input_min=0.0, input_max=255.0,
+    )
+
+
+def _measured_budget(budget: SizeBudget, besides: int, plan: Any) -> tuple[SizeBudget, bool]:
+    """The budget for the measured bytes besides the kernels, and whether the bits must be chosen again
+    (over budget, or a 4-bit layer would fit at 8 bits in what is left); an error when no mix fits."""
+    measured = SizeBudget(budget.total, besides)
+    sizes = plan._choices.shapes if plan._choices is not None else {}
+    n = {name: int(np.prod(shape)) for name, shape in sizes.items()}
+    first = next(iter(n)) if n else None
+    smallest = besides + sum(k if name == first else (k + 1) // 2 for name, k in n.items())
+    if budget.total < smallest:
+        raise EdgesqzError(f"--max-size {budget.total:,} bytes cannot be reached: the smallest 4/8-bit mix of this "
+                           f"model (every convolution but the first 4-bit) takes {smallest:,} bytes; model not written")
+    used = plan.weight_bytes()
+    upgrades = [n[name] - (n[name] + 1) // 2 for name, bits in plan.bits.items() if bits == 4]
+    again = used > measured.weights or any(used + extra <= measured.weights for extra in upgrades)
+    return measured, again
 
 
 def _edgetpu(path: Path, warnings: list[str], *, force: bool = False) -> dict[str, Any]:

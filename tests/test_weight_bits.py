@@ -1,0 +1,130 @@
+"""`convert --weight-bits 4 / --max-size` and `train --weight-bits 4` on the CIFAR network (small and quick).
+
+Accuracy is measured by benchmarks/weight_bits.py (ImageNet SqueezeNet 1.1) and the figures in README;
+these tests check the mechanics: the budget is kept, the stem stays 8-bit, a trained 4-bit grid is
+taken as it is, and bad input is one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tensorflow")
+
+
+def edgesqz(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edgesqz", *args], capture_output=True, text=True, timeout=timeout,
+                          env=os.environ.copy())
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def cifar_keras(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import keras
+
+    from edgesqz.squeezenet import SqueezeNet
+
+    keras.utils.set_random_seed(0)
+    path = tmp_path_factory.mktemp("wbits") / "cifar10.keras"
+    SqueezeNet("cifar", classes=10, classifier_activation=None).save(path)
+    return path
+
+
+def test_bad_input_is_one_line_and_writes_nothing(cifar_keras: Path, crops32: Path, tmp_path: Path) -> None:
+    out = tmp_path / "m.tflite"
+    calib = ("--calib", str(crops32 / "train"), "--calib-count", "16")
+    line = one_error_line(edgesqz("convert", "--weights", str(cifar_keras), "--weight-bits", "3", *calib,
+                                  "-o", str(out)))
+    assert "--weight-bits must be 4 or 8, not 3" in line
+    line = one_error_line(edgesqz("convert", "--weights", str(cifar_keras), "--float32", "--weight-bits", "4",
+                                  "-o", str(out)))
+    assert "--int8" in line
+    line = one_error_line(edgesqz("convert", "--weights", str(cifar_keras), "--max-size", "lots", *calib,
+                                  "-o", str(out)))
+    assert "500KB" in line
+    line = one_error_line(edgesqz("convert", "--weights", str(cifar_keras), "--max-size", "100KB", *calib,
+                                  "-o", str(out)))
+    assert "cannot be reached" in line and "smallest 4/8-bit mix" in line and "bytes" in line
+    line = one_error_line(edgesqz("train", "--data", str(crops32 / "train"), "--arch", "cifar", "--weight-bits", "2",
+                                  "-o", str(tmp_path / "m.keras")))
+    assert "--weight-bits must be 4 or 8" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_max_size_keeps_the_budget_and_the_stem_8bit(cifar_keras: Path, crops32: Path, tmp_path: Path) -> None:
+    out = tmp_path / "mixed.tflite"
+    result = edgesqz("convert", "--weights", str(cifar_keras), "--max-size", "560KB", "--calib", str(crops32 / "train"),
+                     "--calib-count", "32", "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rep = json.loads(result.stdout)
+    w = rep["weights"]
+    assert out.stat().st_size == rep["size_bytes"] <= 560_000
+    layers = w["layers"]
+    assert layers[0]["bits"] == 8 and "sensitivity" not in layers[0]
+    assert w["layers_4bit"] >= 1 and w["layers_8bit"] >= 2, w  # a real mix: neither extreme fits 560 kB
+    assert all("sensitivity" in r for r in layers[1:])
+    from edgesqz.tflite_int4 import conv_bits
+
+    assert [r.bits for r in conv_bits(out.read_bytes())] == [r["bits"] for r in layers]
+
+
+def test_trained_4bit_grid_is_stored_as_it_is(crops32: Path, tmp_path: Path) -> None:
+    model = tmp_path / "qat.keras"
+    result = edgesqz("train", "--arch", "cifar", "--data", str(crops32 / "train"), "--val", str(crops32 / "test"),
+                     "--epochs", "2", "--weight-bits", "4", "--qat-epochs", "1", "-o", str(model), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    import keras
+
+    from edgesqz.converters.quantize import grids_from_weights
+    from edgesqz.train import qat_layers, read_training_info
+
+    info = read_training_info(model)
+    assert info is not None and info["weight_bits"] == 4 and info["epoch"] == 2  # saved from the 4-bit epoch
+    base = keras.saving.load_model(model, compile=False)
+    layers = [layer.name for layer in qat_layers(base)]
+    grids = grids_from_weights(base, layers, tolerance=1e-4)
+    assert grids is not None and all(np.abs(g.values).max() == 7 for g in grids.values())
+
+    out = tmp_path / "qat.tflite"
+    result = edgesqz("convert", "--weights", str(model), "--calib", str(crops32 / "train"), "--calib-count", "32",
+                     "--check", str(crops32 / "test"), "-o", str(out), "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rep = json.loads(result.stdout)
+    assert rep["weights"]["requested"] == "trained 4-bit grid" and rep["weights"]["layers_4bit"] == len(layers)
+    assert "trained on 4-bit weights" in rep["weights_found"]
+    # the stored 4-bit values are the trained grid's, value for value (BN folding scales whole channels)
+    from ai_edge_litert import schema_py_generated as schema
+
+    from edgesqz.tflite_int4 import _LAYER, INT4, unpack_int4
+
+    m = schema.Model.GetRootAs(out.read_bytes(), 0)
+    sub = m.Subgraphs(0)
+    found = 0
+    for i in range(sub.TensorsLength()):
+        t = sub.Tensors(i)
+        if t.Type() != INT4:
+            continue
+        name = _LAYER.search(t.Name().decode()).group(1)  # type: ignore[union-attr]
+        shape = tuple(t.ShapeAsNumpy())
+        stored = unpack_int4(m.Buffers(t.Buffer()).DataAsNumpy(), int(np.prod(shape))).reshape(shape)
+        trained = grids[name].values.transpose(3, 0, 1, 2)
+        signs = np.sign(np.asarray([t.Quantization().Scale(j) for j in range(shape[0])]))  # scales > 0
+        assert (signs > 0).all()
+        assert np.array_equal(np.abs(stored), np.abs(trained)), name  # negative BN gammas may flip a channel
+        found += 1
+    assert found == len(layers)
+    assert rep["accuracy"]["top1_agreement"] >= 50  # 2 epochs: barely trained, but int8 follows float

@@ -357,9 +357,9 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
                 tflite = add_probability_head(tflite, uint8_input=opts.fmt == "int8" and io == "uint8",
                                               **(EDGETPU_OPTIONS if opts.edgetpu else {}))
             if plan is not None and plan.grids:
-                from edgesqz.tflite_int4 import write_int4
+                from edgesqz.tflite_int4 import compact_names, write_int4
 
-                tflite = write_int4(tflite, plan.grids)
+                tflite = compact_names(write_int4(tflite, plan.grids))
         except EdgesqzError:
             raise
         except Exception as exc:  # the converter raises many types; keep its log for the user
@@ -442,6 +442,7 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
 # info. Measured on SqueezeNet 1.1 (1000, 3 classes) and the CIFAR network (100, 8 classes), this errs
 # high by 2-6 kB; `convert` checks the real size afterwards.
 _PER_CHANNEL = 32
+_PER_CHANNEL_MIN = 28
 _FIXED_OVERHEAD = 24_000
 
 
@@ -466,12 +467,14 @@ def _size_budget(opts: ConvertOptions, float_model: Any, labels: Labels) -> Size
     if labels.ids:
         overhead += sum(len(str(i)) + 8 for i in labels.ids)
     sizes = conv_sizes(float_model)
-    smallest = overhead + sizes[names[0]] + sum((n + 1) // 2 for name, n in sizes.items() if name != names[0])
-    largest = overhead + sum(sizes.values())
-    if opts.max_size < smallest:
+    kernels = sizes[names[0]] + sum((n + 1) // 2 for name, n in sizes.items() if name != names[0])
+    # certain before converting: the kernels plus, per output channel, the int32 bias and the float32 scales and
+    # int64 zero points of kernel and bias; the exact smallest size is known after converting (_measured_budget)
+    at_least = kernels + _PER_CHANNEL_MIN * channels
+    if opts.max_size < at_least:
         raise EdgesqzError(f"--max-size {opts.max_size:,} bytes cannot be reached: the smallest 4/8-bit mix of this "
-                           f"model (every convolution but the first 4-bit) takes about {smallest:,} bytes "
-                           f"(all 8-bit: {largest:,})")
+                           f"model (every convolution but the first 4-bit) takes more than {at_least:,} bytes "
+                           f"(about {kernels + overhead:,}; all 8-bit about {sum(sizes.values()) + overhead:,})")
     return SizeBudget(opts.max_size, overhead)
 
 

@@ -548,8 +548,9 @@ def sequential_rounding(reference: keras.Model, plan: WeightPlan, calib_images: 
             else:
                 rounded = _gptq_rows(target, hq, damp)
             layer.set_weights([rounded.reshape(kernel.shape).astype(kernel.dtype), bias])
-    return WeightPlan(plan.model, plan.bits, grids, plan.sensitivity, plan.method + ", sequential (rounded inputs)",
-                      plan._choices)
+    suffix = ", sequential (rounded inputs)"
+    method = plan.method if plan.method.endswith(suffix) else plan.method + suffix
+    return WeightPlan(plan.model, plan.bits, grids, plan.sensitivity, method, plan._choices)
 
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)

@@ -97,6 +97,11 @@ def main() -> None:
                        "kernel_bytes": w.get("weight_bytes"), "layers_4bit": w.get("layers_4bit", 0),
                        "layers_8bit": w.get("layers_8bit"), **compare(reference, outputs, targets)}
                 rows.append(row)
+                if args.json:  # after every row: a stopped run keeps what it measured
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps({"task": args.task, "epochs": args.epochs, "classes": len(names),
+                                                     "held_back": len(held), "rows": rows, "partial": True}, indent=2)
+                                         + "\n")
                 print(f"seed {seed} {name:22s} {row['size_bytes']:>9,} B  4-bit layers {row['layers_4bit']:2d}  "
                       f"top-1 {row['top1']:6.2f} (float {row['float_top1']:.2f}, drop {row['top1_drop']:+.2f} "
                       f"{row['top1_drop_ci95']})  agreement {row['agreement']:6.2f} {row['agreement_ci95']}",

@@ -256,6 +256,10 @@ def widen_for_runtime(data: bytes, src: str = "this model") -> bytes:
     from edgesqz.tflite_int4 import has_int4, widen_int4
 
     try:
+        import ai_edge_litert.schema_py_generated  # noqa: F401  (the flatbuffer reader; ships with the runtime)
+    except ImportError:  # a legacy backend alone: hand the file over as it is (its kernels read INT4 or refuse)
+        return data
+    try:
         if not has_int4(data):
             return data
         return widen_int4(data)

@@ -65,6 +65,9 @@ class ConvertOptions:
     via: str = "keras"  # or "onnx2tf": PyTorch -> ONNX -> onnx2tf, the independent second route
     edgetpu: bool = False  # check Edge TPU compatibility (and compile when edgetpu_compiler exists)
     ptq: str = "best"  # int8, both routes: "best" (equalise + GPTQ rounding + class-map head) or "plain" (min/max)
+    weight_bits: int | None = None  # int8 only: 4 (every convolution but the first 4-bit) or 8; None: 8, or the
+    # trained grid of a model from `edgesqz train --weight-bits 4`
+    max_size: int | None = None  # int8 only: a file size budget in bytes; 4 or 8 bits per layer by sensitivity
 
 
 @dataclass
@@ -106,6 +109,7 @@ class LoadedModel:
     found: str  # what the weights are, in words
     preprocessing: Preprocessing | None = None  # what it was trained with, when the file says (edgesqz train)
     labels: Labels | None = None  # class names stored with it (edgesqz train)
+    weight_bits: int = 32  # 4: trained on a 4-bit weight grid (edgesqz train --weight-bits 4)
 
 
 def _check_arch(found: Architecture, wanted: Architecture | None, what: str) -> None:
@@ -146,8 +150,10 @@ def _load_keras_model(resolved: ResolvedWeights, arch_spec: str | None, classes:
         if pre is None and "input_size" in saved:  # trained by an earlier edgesqz: ImageNet normalisation
             pre = replace(arch.preprocessing, size=int(saved["input_size"]))
         names = saved.get("labels")
-        return LoadedModel(model, arch, f"{arch.label} from edgesqz train, {head.filters} classes",
-                           pre, Labels(tuple(names)) if names else None)
+        bits = int(saved.get("weight_bits", 32)) if str(saved.get("weight_bits", "")).isdigit() else 32
+        return LoadedModel(model, arch, f"{arch.label} from edgesqz train, {head.filters} classes"
+                           + (", trained on 4-bit weights" if bits == 4 else ""),
+                           pre, Labels(tuple(names)) if names else None, bits)
     if resolved.kind != "torch":
         raise EdgesqzError(f"{resolved.path}: convert takes a PyTorch .pth state_dict or a .keras model from "
                            "edgesqz train; load .weights.h5 into SqueezeNet(...) and save it as .keras first")
@@ -241,6 +247,19 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         raise EdgesqzError(f"--via must be keras or onnx2tf, not {opts.via!r}")
     if opts.via == "onnx2tf" and opts.normalization != "fold":
         raise EdgesqzError("--via onnx2tf always folds the normalisation into the first convolution")
+    if opts.weight_bits is not None and opts.weight_bits not in (4, 8):
+        raise EdgesqzError(f"--weight-bits must be 4 or 8, not {opts.weight_bits}")
+    if opts.max_size is not None and opts.max_size <= 0:
+        raise EdgesqzError(f"--max-size must be a positive size (e.g. 500KB), got {opts.max_size}")
+    low_bit = opts.weight_bits == 4 or opts.max_size is not None
+    if low_bit and opts.fmt != "int8":
+        raise EdgesqzError("--weight-bits 4 and --max-size are for --int8 models (int8 activations)")
+    if low_bit and opts.ptq != "best":
+        raise EdgesqzError("--weight-bits 4 and --max-size round with GPTQ: leave out --ptq plain")
+    if low_bit and opts.via != "keras":
+        raise EdgesqzError("--weight-bits 4 and --max-size take the keras route: leave out --via onnx2tf")
+    if low_bit and opts.edgetpu:
+        raise EdgesqzError("the Edge TPU runs int8 weights only: leave out --weight-bits 4 / --max-size")
     if opts.max_drop is not None and not opts.check:
         raise EdgesqzError("--max-drop needs --check DIR (a labelled folder to measure the drop on)")
     wanted = architecture(opts.arch) if opts.arch is not None else None
@@ -294,8 +313,24 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     improved = calibration is not None and opts.ptq == "best"
     from edgesqz.converters.quantize import class_map_model, prepare_int8
 
+    trained_bits = loaded.weight_bits == 4 and opts.weight_bits != 8 and opts.fmt == "int8" and opts.ptq == "best"
+    low_bit = opts.weight_bits == 4 or opts.max_size is not None or trained_bits
+    budget = _size_budget(opts, float_model, labels) if opts.max_size is not None else None
+    plan = None
     to_convert = float_model
-    if improved:
+    if improved and low_bit:
+        assert calibration is not None
+        from edgesqz.converters.quantize import prepare_weight_bits
+
+        what = "measure layer sensitivity, round weights" if budget is not None else "round weights to 4 bits"
+        advance = progress(f"preparing for int8 activations ({what})", 1)
+        with captured_output(log):
+            plan = prepare_weight_bits(float_model, calibration.images, weight_bits=4, class_map=False,
+                                       max_weight_bytes=budget.weights if budget is not None else None,
+                                       trained_grid=trained_bits and opts.max_size is None)
+        to_convert = plan.model
+        advance(1)
+    elif improved:
         assert calibration is not None
         advance = progress("preparing for int8 (equalise, round weights)", 1)
         with captured_output(log):
@@ -303,29 +338,51 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         advance(1)
     class_map = opts.head != "logits"  # the standard head averages the class map in float, after the int8 body
     io = opts.io or ("uint8" if opts.head == "probabilities" else "int8")
-    try:
-        if opts.via == "onnx2tf":
-            # --ptq best hands the prepared weights (pixels in, rounded) to PyTorch -> ONNX -> onnx2tf
-            tflite = _via_onnx2tf(to_convert if improved else model, arch, pre, opts, calibration, out_path,
-                                  prepared=improved, class_map=class_map,
-                                  io="int8" if opts.head == "probabilities" else io)
-        else:
-            with captured_output(log):
-                tflite = to_tflite(class_map_model(to_convert) if class_map else to_convert, opts.fmt,
-                                   representative=representative,  # type: ignore[arg-type]
-                                   io="int8" if opts.head == "probabilities" else io)  # type: ignore[arg-type]
-        if opts.head == "probabilities":
-            from edgesqz.converters.standard_head import EDGETPU_OPTIONS, add_probability_head
 
-            tflite = add_probability_head(tflite, uint8_input=opts.fmt == "int8" and io == "uint8",
-                                          **(EDGETPU_OPTIONS if opts.edgetpu else {}))
-    except EdgesqzError:
-        raise
-    except Exception as exc:  # the converter raises many types; keep its log for the user
-        log_path = out_path.with_suffix(".convert.log")
-        atomic_write(log_path, "".join(log).encode())
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EdgesqzError(f"the TFLite converter failed: {first[:160]} (its log: {log_path})") from exc
+    def build(to_convert: Any, plan: Any) -> bytes:
+        try:
+            if opts.via == "onnx2tf":
+                # --ptq best hands the prepared weights (pixels in, rounded) to PyTorch -> ONNX -> onnx2tf
+                tflite = _via_onnx2tf(to_convert if improved else model, arch, pre, opts, calibration, out_path,
+                                      prepared=improved, class_map=class_map,
+                                      io="int8" if opts.head == "probabilities" else io)
+            else:
+                with captured_output(log):
+                    tflite = to_tflite(class_map_model(to_convert) if class_map else to_convert, opts.fmt,
+                                       representative=representative,  # type: ignore[arg-type]
+                                       io="int8" if opts.head == "probabilities" else io)  # type: ignore[arg-type]
+            if opts.head == "probabilities":
+                from edgesqz.converters.standard_head import EDGETPU_OPTIONS, add_probability_head
+
+                tflite = add_probability_head(tflite, uint8_input=opts.fmt == "int8" and io == "uint8",
+                                              **(EDGETPU_OPTIONS if opts.edgetpu else {}))
+            if plan is not None and plan.grids:
+                from edgesqz.tflite_int4 import compact_names, write_int4
+
+                tflite = compact_names(write_int4(tflite, plan.grids))
+        except EdgesqzError:
+            raise
+        except Exception as exc:  # the converter raises many types; keep its log for the user
+            log_path = out_path.with_suffix(".convert.log")
+            atomic_write(log_path, "".join(log).encode())
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise EdgesqzError(f"the TFLite converter failed: {first[:160]} (its log: {log_path})") from exc
+        return tflite
+
+    tflite = build(to_convert, plan)
+    if budget is not None and plan is not None:
+        # The file's size besides the kernels is now known exactly (metadata estimated with the accuracy block's
+        # room); choose the bits again for it when the estimate missed, and convert once more.
+        draft = _model_info(opts, arch, pre, labels, resolved, calibration, None, classes, improved, io)
+        room = 600 + 60 * len(plan.bits) + (3000 if opts.check else 0)  # the weights block, the accuracy block
+        besides = len(_embed(tflite, draft, labels, arch, opts, pre)) - plan.weight_bytes() + room
+        budget, again = _measured_budget(budget, besides, plan)
+        if again:
+            advance = progress("choosing bits again for the measured file overhead", 1)
+            with captured_output(log):
+                plan = plan.rebudget(budget.weights)
+            tflite = build(plan.model, plan)
+            advance(1)
 
     accuracy_block = None
     if opts.check:
@@ -333,25 +390,34 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
         accuracy_block = _check(float_model, tflite, opts.check, check_files, labels, pre, calibration, progress)
 
     info = _model_info(opts, arch, pre, labels, resolved, calibration, accuracy_block, classes, improved, io)
-    from edgesqz.tflite_metadata import embed_metadata
-
-    final = embed_metadata(
-        tflite, labels=list(labels.names), info=info, name=f"{arch.label} ({opts.fmt})",
-        description=f"{arch.label} image classifier, {opts.fmt}, {pre.size}x{pre.size} RGB pixels in "
-                    "(normalisation inside the model); made by edgesqz",
-        version=str(info["edgesqz_version"]), mean=[0.0], std=[1.0], input_min=0.0, input_max=255.0,
-    )
+    weights_block = None
+    if plan is not None:
+        weights_block = {"requested": ("trained 4-bit grid" if trained_bits and opts.max_size is None
+                                       else f"max size {opts.max_size} bytes" if opts.max_size is not None
+                                       else "4-bit (first convolution 8-bit)"),
+                         "method": plan.method, "weight_bytes": plan.weight_bytes(),
+                         "layers_4bit": sum(b == 4 for b in plan.bits.values()),
+                         "layers_8bit": sum(b == 8 for b in plan.bits.values()), "layers": plan.layers(),
+                         "max_size": opts.max_size}
+        info["quantization"]["weights"] = {k: v for k, v in weights_block.items() if k != "layers"}
+        info["quantization"]["weights"]["bits_per_layer"] = plan.bits
+    final = _embed(tflite, info, labels, arch, opts, pre)
     graph = graph_summary(tflite)
     rep = report(
         "convert_report",
         model=str(out_path), route=opts.via, format=opts.fmt, head=opts.head,
         io=io if opts.fmt == "int8" else "float32",
         architecture=arch.name, input_size=pre.size, weights_found=loaded.found,
-        size_bytes=len(final), size_bytes_without_metadata=len(tflite), graph=graph,
+        size_bytes=len(final), size_bytes_without_metadata=len(tflite), graph=graph, weights=weights_block,
         source_weights=resolved.meta(), calibration=info.get("calibration"), accuracy=accuracy_block,
         warnings=warnings,
     )
     report_path = out_path.with_suffix(".report.json")
+    if budget is not None and len(final) > budget.total:
+        raise EdgesqzError(f"the model takes {len(final):,} bytes, more than --max-size {budget.total:,} (the layer "
+                           f"choice assumed {budget.overhead:,} bytes besides the kernels, the file has "
+                           f"{len(final) - plan.weight_bytes():,}); model not written"  # type: ignore[union-attr]
+                           )
     if accuracy_block and opts.max_drop is not None and accuracy_block["top1_drop"] > opts.max_drop:
         rejected = out_path.with_suffix(".rejected.report.json")
         lo, hi = accuracy_block["top1_drop_ci95"]
@@ -368,6 +434,77 @@ def convert(opts: ConvertOptions, progress: ProgressFactory = _no_progress) -> C
     if not opts.output:
         _point_latest(out_path)
     return ConvertResult(out_path, report_path, rep, warnings, loaded.found)
+
+
+# Bytes of a converted model besides its convolution kernels, estimated before converting: per output
+# channel an int32 bias and the scales and zero points of the kernel and the bias; per op and tensor the
+# flatbuffer tables; then the metadata (labels twice: labels.txt and nothing else large) and the edgesqz.json
+# info. Measured on SqueezeNet 1.1 (1000, 3 classes) and the CIFAR network (100, 8 classes), this errs
+# high by 2-6 kB; `convert` checks the real size afterwards.
+_PER_CHANNEL = 32
+_PER_CHANNEL_MIN = 28
+_FIXED_OVERHEAD = 24_000
+
+
+@dataclass(frozen=True)
+class SizeBudget:
+    total: int
+    overhead: int
+
+    @property
+    def weights(self) -> int:
+        return self.total - self.overhead
+
+
+def _size_budget(opts: ConvertOptions, float_model: Any, labels: Labels) -> SizeBudget:
+    """The kernels' share of ``--max-size``, or an error naming the smallest size any 4/8-bit mix reaches."""
+    from edgesqz.converters.quantize import conv_layers, conv_sizes
+
+    assert opts.max_size is not None
+    names = conv_layers(float_model)
+    channels = sum(int(float_model.get_layer(n).get_weights()[0].shape[-1]) for n in names)
+    overhead = _PER_CHANNEL * channels + _FIXED_OVERHEAD + sum(len(n.encode()) + 1 for n in labels.names)
+    if labels.ids:
+        overhead += sum(len(str(i)) + 8 for i in labels.ids)
+    sizes = conv_sizes(float_model)
+    kernels = sizes[names[0]] + sum((n + 1) // 2 for name, n in sizes.items() if name != names[0])
+    # certain before converting: the kernels plus, per output channel, the int32 bias and the float32 scales and
+    # int64 zero points of kernel and bias; the exact smallest size is known after converting (_measured_budget)
+    at_least = kernels + _PER_CHANNEL_MIN * channels
+    if opts.max_size < at_least:
+        raise EdgesqzError(f"--max-size {opts.max_size:,} bytes cannot be reached: the smallest 4/8-bit mix of this "
+                           f"model (every convolution but the first 4-bit) takes more than {at_least:,} bytes "
+                           f"(about {kernels + overhead:,}; all 8-bit about {sum(sizes.values()) + overhead:,})")
+    return SizeBudget(opts.max_size, overhead)
+
+
+def _embed(tflite: bytes, info: dict[str, Any], labels: Labels, arch: Architecture, opts: ConvertOptions,
+           pre: Preprocessing) -> bytes:
+    from edgesqz.tflite_metadata import embed_metadata
+
+    return embed_metadata(
+        tflite, labels=list(labels.names), info=info, name=f"{arch.label} ({opts.fmt})",
+        description=f"{arch.label} image classifier, {opts.fmt}, {pre.size}x{pre.size} RGB pixels in "
+                    "(normalisation inside the model); made by edgesqz",
+        version=str(info["edgesqz_version"]), mean=[0.0], std=[1.0], input_min=0.0, input_max=255.0,
+    )
+
+
+def _measured_budget(budget: SizeBudget, besides: int, plan: Any) -> tuple[SizeBudget, bool]:
+    """The budget for the measured bytes besides the kernels, and whether the bits must be chosen again
+    (over budget, or a 4-bit layer would fit at 8 bits in what is left); an error when no mix fits."""
+    measured = SizeBudget(budget.total, besides)
+    sizes = plan._choices.shapes if plan._choices is not None else {}
+    n = {name: int(np.prod(shape)) for name, shape in sizes.items()}
+    first = next(iter(n)) if n else None
+    smallest = besides + sum(k if name == first else (k + 1) // 2 for name, k in n.items())
+    if budget.total < smallest:
+        raise EdgesqzError(f"--max-size {budget.total:,} bytes cannot be reached: the smallest 4/8-bit mix of this "
+                           f"model (every convolution but the first 4-bit) takes {smallest:,} bytes; model not written")
+    used = plan.weight_bytes()
+    upgrades = [n[name] - (n[name] + 1) // 2 for name, bits in plan.bits.items() if bits == 4]
+    again = used > measured.weights or any(used + extra <= measured.weights for extra in upgrades)
+    return measured, again
 
 
 def _edgetpu(path: Path, warnings: list[str], *, force: bool = False) -> dict[str, Any]:

@@ -202,12 +202,15 @@ def make_interpreter(
     backend: str | None = None,
     xnnpack: bool = True,
     src: str | None = None,
+    widen: bool = True,
 ) -> tuple[Interpreter, Backend]:
     """Create and allocate an interpreter. ``delegate``: None (CPU, XNNPACK) or ``edgetpu[:usb|:pci...]``.
 
     A path is read and validated with :func:`check_model_file`; bytes must have been validated by the
     caller (they come from :func:`check_model_file` or are built in memory). ``src`` names the model in
-    errors (default: the path, or "this model").
+    errors (default: the path, or "this model"). ``widen``: 4-bit weights are widened to int8 in memory
+    first (:func:`widen_for_runtime`), so XNNPACK runs the whole graph; False hands the file to the
+    runtime as it is.
     """
     check_threads(threads)
     if isinstance(model, bytes):
@@ -215,6 +218,8 @@ def make_interpreter(
     else:
         data, src = check_model_file(model), src or f"model {model}"
     be = load_backend(backend)
+    if widen:
+        data = widen_for_runtime(data, src)
     delegates = []
     if delegate:
         kind, _, device = delegate.partition(":")
@@ -237,6 +242,25 @@ def make_interpreter(
                            "is damaged, or uses ops this runtime lacks: convert it again, or pip install -U "
                            "ai-edge-litert") from exc
     return Interpreter(interpreter, src, be), be
+
+
+def widen_for_runtime(data: bytes, src: str = "this model") -> bytes:
+    """``data`` with its INT4 weights stored as INT8 (same values, same scales; see
+    :mod:`edgesqz.tflite_int4`): XNNPACK takes int8 convolution filters only, so a 4-bit model would
+    otherwise run most of its convolutions on the reference kernels. Models without INT4 tensors
+    come back unchanged (the same object)."""
+    from edgesqz.tflite_int4 import has_int4, widen_int4
+
+    try:
+        import ai_edge_litert.schema_py_generated  # noqa: F401  (the flatbuffer reader; ships with the runtime)
+    except ImportError:  # a legacy backend alone: hand the file over as it is (its kernels read INT4 or refuse)
+        return data
+    try:
+        if not has_int4(data):
+            return data
+        return widen_int4(data)
+    except EdgesqzError as exc:
+        raise EdgesqzError(f"{src}: cannot widen its 4-bit weights: {exc}") from exc
 
 
 @dataclass(frozen=True)

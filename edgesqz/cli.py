@@ -61,6 +61,20 @@ def _root(
     """SqueezeNet on the edge."""
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "k": 1000, "mb": 1000**2, "m": 1000**2, "kib": 1024, "mib": 1024**2}
+
+
+def _byte_size(text: str, option: str) -> int:
+    """``500KB`` (1000s), ``0.5MB``, ``480KiB`` (1024s) or a plain byte count."""
+    import re
+
+    found = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = found.group(2).lower() if found else ""
+    if found is None or unit not in _SIZE_UNITS:
+        raise EdgesqzError(f"{option} takes a size such as 500KB, 1.2MB, 480KiB or 480000, not {text!r}")
+    return round(float(found.group(1)) * _SIZE_UNITS[unit])
+
+
 @app.command()
 def convert(
     weights: Annotated[str, typer.Option("--weights", "-w", help="'torchvision' (download once), a .pth state_dict "
@@ -107,6 +121,12 @@ def convert(
                                      "(the converter's min/max).")] = "best",
     via: Annotated[str, typer.Option("--via", help="Conversion route: 'keras' (Keras -> TFLiteConverter) or "
                                      "'onnx2tf' (PyTorch -> ONNX -> onnx2tf).")] = "keras",
+    weight_bits: Annotated[int | None, typer.Option("--weight-bits", help="int8 models: 4 stores every convolution "
+                                                    "but the first as packed 4-bit weights (GPTQ rounding, clipping "
+                                                    "search), int8 activations; 8 (default) all int8.")] = None,
+    max_size: Annotated[str | None, typer.Option("--max-size", help="int8 models: a file size budget (e.g. 500KB, "
+                                                 "1.2MB, 480000); 4 or 8 bits per layer by measured "
+                                                 "sensitivity.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
 ) -> None:
     """Convert SqueezeNet weights to a self-describing TFLite model (full int8 by default)."""
@@ -124,7 +144,8 @@ def convert(
                           calib_count=calib_count, io=io, input_size=input_size, crop_fraction=crop_fraction,
                           mean=_numbers(mean, "--mean"), std=_numbers(std, "--std"), labels=labels, check=check,
                           max_drop=max_drop, output=output, force=force, normalization=normalization, via=via,
-                          head=head, ptq=ptq, edgetpu=edgetpu, seed=seed)
+                          head=head, ptq=ptq, edgetpu=edgetpu, seed=seed, weight_bits=weight_bits,
+                          max_size=_byte_size(max_size, "--max-size") if max_size is not None else None)
     with progress_bars(enabled=not json_out) as bars:
         result = run_convert(opts, bars)
     err.print(f"weights: {result.found}")
@@ -148,6 +169,10 @@ def convert(
     err.print(table)
     err.print("ops: " + ", ".join(f"{k} {v}" for k, v in sorted(rep["graph"]["ops"].items()))
               + "; tensor types: " + ", ".join(sorted(rep["graph"]["tensor_types"])))
+    if rep.get("weights"):
+        w = rep["weights"]
+        err.print(f"weights: {w['layers_4bit']} convolutions 4-bit, {w['layers_8bit']} 8-bit, "
+                  f"{human_size(w['weight_bytes'])} of kernels ({w['requested']})")
     if acc:
         err.print(f"checked on {acc['images']} images ({acc['excluded_calibration_images']} calibration images left "
                   f"out); {len(acc['classes_changed'])} classes changed; {acc['tied_top_outputs']:.1f} % tied top "
@@ -222,9 +247,16 @@ def info(
     g = d["graph"]
     out.print(f"  ops: {', '.join(f'{k} {v}' for k, v in sorted(g['ops'].items()))}")
     out.print(f"  tensor types: {', '.join(f'{k} {v}' for k, v in sorted(g['tensor_types'].items()))}")
+    w = d.get("weights") or {}
+    if w.get("layers"):
+        bits = ", ".join(f"{r['layer']} {r['bits']}" for r in w["layers"])
+        out.print(f"  convolution weights ({human_size(w['kernel_bytes'])}): "
+                  + ", ".join(f"{n} x {b}-bit" for b, n in sorted(w["convolutions"].items(), key=lambda kv: int(kv[0])))
+                  + f"; bits per layer: {bits}")
     x = d["runtime"]["xnnpack"]
     out.print(f"  runtime: {d['runtime']['backend']} {d['runtime']['version']}; XNNPACK "
-              f"{x['delegated_ops']}/{x['total_ops']} ops")
+              f"{x['delegated_ops']}/{x['total_ops']} ops"
+              + (" (4-bit weights widened to int8 in memory)" if w.get("int4_widened_for_runtime") else ""))
 
 
 @app.command()
@@ -251,6 +283,11 @@ def train(
                                                  "schedule).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run that wrote OUTPUT.")] = False,
+    weight_bits: Annotated[int | None, typer.Option("--weight-bits", help="4: quantisation-aware fine-tuning of the "
+                                                    "last epochs on 4-bit weights (every convolution but the first), "
+                                                    "for 'convert' to store as they are.")] = None,
+    qat_epochs: Annotated[int | None, typer.Option("--qat-epochs", help="With --weight-bits 4: how many of the last "
+                                                   "epochs train on 4-bit weights (default a quarter).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON at the end.")] = False,
 ) -> None:
     """Fine-tune SqueezeNet on your own images; then convert it with --weights OUTPUT.keras."""
@@ -262,7 +299,8 @@ def train(
 
     opts = TrainOptions(data=data, output=output, val=val, val_split=val_split, arch=arch, init=init,
                         weights=weights, epochs=epochs, batch_size=batch_size, input_size=input_size,
-                        learning_rate=learning_rate, patience=patience, force=force, resume=resume)
+                        learning_rate=learning_rate, patience=patience, force=force, resume=resume,
+                        weight_bits=weight_bits, qat_epochs=qat_epochs)
     result = run_train(opts, verbose=0 if json_out else 1)
     if result.skipped:
         err.print(f"[yellow]warning:[/] skipped {result.skipped} unreadable images")

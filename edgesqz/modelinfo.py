@@ -45,8 +45,21 @@ def _tensor(detail: dict[str, Any]) -> dict[str, Any]:
             "quantization": {"scale": float(scale), "zero_point": int(zero)} if scale else None}
 
 
+def _weight_bits(data: bytes) -> dict[str, Any]:
+    """Bits per convolution (4 for packed INT4 filters) and the kernels' bytes in the file."""
+    from edgesqz.tflite_int4 import conv_bits
+
+    rows = conv_bits(data)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[str(r.bits)] = counts.get(str(r.bits), 0) + 1
+    return {"convolutions": counts, "kernel_bytes": sum(r.weight_bytes for r in rows),
+            "int4_widened_for_runtime": counts.get("4", 0) > 0, "layers": [r.to_dict() for r in rows]}
+
+
 def describe(path: str | os.PathLike[str], threads: int | None = None) -> dict[str, Any]:
-    """A ``model_info`` record: file sizes, metadata, input/output tensors, ops and XNNPACK coverage."""
+    """A ``model_info`` record: file sizes, metadata, input/output tensors, ops, bits per convolution and
+    XNNPACK coverage (of the graph the device runs: 4-bit weights widened to int8 in memory)."""
     from edgesqz.device.runtime import check_model_file, delegate_coverage, make_interpreter
 
     data = check_model_file(path)
@@ -64,6 +77,7 @@ def describe(path: str | os.PathLike[str], threads: int | None = None) -> dict[s
         inputs=[_tensor(d) for d in interpreter.get_input_details()],
         outputs=[_tensor(d) for d in interpreter.get_output_details()],
         graph=graph_summary(data),
+        weights=_weight_bits(data),
         runtime={"backend": backend.name, "version": backend.version,
                  "xnnpack": delegate_coverage(interpreter).to_dict()},
     )

@@ -17,6 +17,10 @@ file could hold), and refuses the model with a one-line reason when:
   quantisation parameters do not fit its shape, or a quantisation scale is NaN, infinite or negative;
 - a tensor an operator reads has no data and nothing computes it, or an operator writes into a
   constant tensor;
+- a packed 4-bit (``INT4``) tensor breaks the rules edgesqz's 4-bit weights follow (docs/model-format.md):
+  it must be a constant of an even number of elements held in exactly ``elements / 2`` bytes (two
+  values per byte, low nibble first), quantised with zero points 0, and read only as the filter
+  (input 1) of ``CONV_2D``, ``DEPTHWISE_CONV_2D`` or ``FULLY_CONNECTED``;
 - the counts exceed the caps below (bounded work and memory whatever the file says).
 
 It needs only the standard library and the bounds-checked reader of :mod:`edgesqz.tflite_metadata`.
@@ -173,6 +177,7 @@ def _check_subgraph(s: int, sub: _Tbl, codes: list[int], sizes: list[int], n_sub
     n = len(tensors)
     constant = [False] * n
     variable = [False] * n
+    int4 = [False] * n
     names = []
     activations = 0
     for i, t in enumerate(tensors):
@@ -185,6 +190,7 @@ def _check_subgraph(s: int, sub: _Tbl, codes: list[int], sizes: list[int], n_sub
         ttype = t.scalar(_T_TYPE, fbn.Int8Flags)
         if ttype not in _TYPES:
             raise _Invalid(f"{what} has an unknown type {ttype}")
+        int4[i] = ttype == _INT4
         shape = _ints(t, _T_SHAPE, cap=MAX_RANK, what=f"{what}'s shape")
         if any(d < 0 for d in shape):
             raise _Invalid(f"{what} has a negative dimension in its shape {shape}")
@@ -205,6 +211,8 @@ def _check_subgraph(s: int, sub: _Tbl, codes: list[int], sizes: list[int], n_sub
         size = sizes[b] if sizes else 0
         variable[i] = bool(t.scalar(_T_VARIABLE, fbn.BoolFlags))
         constant[i] = size > 0
+        if ttype == _INT4:
+            _check_int4(t, shape, elements, size, b, what)
         if size and bits and t.table(_T_SPARSITY) is None and size != nbytes:
             raise _Invalid(f"{what} of shape {shape} ({_TYPES[ttype][0]}) needs {nbytes} bytes of data but its "
                            f"buffer {b} holds {size}")
@@ -227,7 +235,7 @@ def _check_subgraph(s: int, sub: _Tbl, codes: list[int], sizes: list[int], n_sub
 
     operators = _tables(sub, _SG_OPERATORS, MAX_OPERATORS, f"operators in {where}")
     produced = set(inputs)
-    reads: list[tuple[str, int, int]] = []  # (operator, position, tensor)
+    reads: list[tuple[str, int, int, int]] = []  # (operator, position, tensor, op code)
     for o, op in enumerate(operators):
         index = op.scalar(_OP_OPCODE, fbn.Uint32Flags)
         if not 0 <= index < len(codes):
@@ -241,7 +249,7 @@ def _check_subgraph(s: int, sub: _Tbl, codes: list[int], sizes: list[int], n_sub
             if not 0 <= t < n:
                 missing = " (missing), but that input is required" if t == -1 else f" ({n} tensors)"
                 raise _Invalid(f"{what} input {pos} is tensor {t}{missing}")
-            reads.append((what, pos, t))
+            reads.append((what, pos, t, code))
         for pos, t in enumerate(_ints(op, _OP_OUTPUTS)):
             if not 0 <= t < n:
                 raise _Invalid(f"{what} output {pos} is tensor {t} ({n} tensors)")
@@ -257,10 +265,36 @@ def _check_subgraph(s: int, sub: _Tbl, codes: list[int], sizes: list[int], n_sub
             target = options.scalar(slot, fbn.Int32Flags) if options is not None else 0
             if not 0 <= target < n_subgraphs:
                 raise _Invalid(f"{what} calls subgraph {target} of {n_subgraphs}")
-    for what, pos, t in reads:
+    for what, pos, t, code in reads:
+        if int4[t] and not (pos == 1 and code in _INT4_READERS):
+            raise _Invalid(f"{what} input {pos} reads the 4-bit tensor {t} ({names[t]}); 4-bit tensors are only "
+                           "the filters of CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED")
         if t not in produced and not constant[t] and not variable[t]:
             raise _Invalid(f"{what} input {pos} reads tensor {t} ({names[t]}), which has no data and "
                            "which no operator computes (a weight without its values?)")
+
+
+_INT4 = 17
+_INT4_READERS = frozenset({_CONV_2D, _DEPTHWISE_CONV_2D, _FULLY_CONNECTED})
+
+
+def _check_int4(t: _Tbl, shape: list[int], elements: int, size: int, buffer: int, what: str) -> None:
+    """Packed 4-bit weights: constant, an even count in exactly count / 2 bytes, zero points 0."""
+    if not size:
+        raise _Invalid(f"{what} is a 4-bit (INT4) tensor without data; edgesqz takes 4-bit weights only")
+    if elements % 2:
+        raise _Invalid(f"{what} of shape {shape} is a 4-bit (INT4) tensor with an odd number of elements "
+                       f"({elements}); packed 4-bit weights hold two values in every byte")
+    if size != elements // 2:
+        raise _Invalid(f"{what} of shape {shape} (INT4, two values per byte) needs {elements // 2} bytes of data "
+                       f"but its buffer {buffer} holds {size}: corrupt 4-bit packing")
+    q = t.table(_T_QUANT)
+    scales = q.span(_Q_SCALE, 4) if q is not None else None
+    if not scales or not scales[1]:
+        raise _Invalid(f"{what} is a 4-bit (INT4) tensor without quantisation scales")
+    zeros = q.span(_Q_ZERO_POINT, 8) if q is not None else None
+    if zeros and any(struct.unpack_from(f"<{zeros[1]}q", q.buf, zeros[0])):  # type: ignore[union-attr]
+        raise _Invalid(f"{what} is a 4-bit (INT4) tensor with a non-zero zero point (4-bit weights are symmetric)")
 
 
 def _op_name(code: int) -> str:

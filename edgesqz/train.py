@@ -16,6 +16,13 @@ One training loop, two recipes (:class:`Recipe`):
   one-epoch linear warm-up and x0.2 steps at 30/60/80 % of the epochs (its 60/120/160 of 200),
   batches of 128, random crops of the image padded by 4 pixels, horizontal flips.
 
+``--weight-bits 4`` (quantisation-aware fine-tuning): the last epochs (``--qat-epochs``, default a
+quarter) run every convolution but the first on fake-quantised weights — per output channel, a
+symmetric 4-bit grid (levels -7..7, scale max|w| / 7), rounded in the forward pass and passed
+straight through in the backward pass (STE) — and the best of those epochs is saved with its weights
+snapped onto that grid and ``"weight_bits": 4`` in ``edgesqz.json``. ``edgesqz convert`` then reads
+the grid from the weights and stores them as 4-bit without any rounding search of its own.
+
 Runs elsewhere: the model-building code is plain Keras, so on several GPUs build and compile it
 inside ``tf.distribute.MirroredStrategy().scope()`` (or set a ``keras.distribution`` data-parallel
 distribution); :func:`train_model` takes the strategy's global batch size unchanged.
@@ -61,6 +68,8 @@ class TrainOptions:
     seed: int = 0
     force: bool = False
     resume: bool = False
+    weight_bits: int | None = None  # 4: the last qat_epochs train on fake-quantised 4-bit weights (QAT)
+    qat_epochs: int | None = None  # None: a quarter of the epochs (at least 1)
 
 
 @dataclass(frozen=True)
@@ -282,6 +291,49 @@ def read_labels(path: str | os.PathLike[str]) -> list[str] | None:
     return [str(x) for x in labels] if isinstance(labels, list) else None
 
 
+QAT_LEVELS = 7  # the 4-bit grid convert uses (edgesqz.converters.quantize.INT4_LEVELS)
+
+
+def qat_layers(base: Any) -> list[Any]:
+    """The convolutions trained on 4-bit weights: all but the first (the stem stays 8-bit)."""
+    convs = [layer for layer in base.layers if type(layer).__name__ == "Conv2D"]
+    return convs[1:]
+
+
+def _fake_quant(kernel: Any) -> Any:
+    """Per-output-channel symmetric 4-bit fake quantisation with a straight-through gradient."""
+    from keras import ops
+
+    top = ops.max(ops.abs(kernel), axis=(0, 1, 2), keepdims=True)
+    scale = ops.maximum(top, 1e-12) / QAT_LEVELS
+    q = ops.clip(ops.round(kernel / scale), -QAT_LEVELS, QAT_LEVELS) * scale
+    return kernel + ops.stop_gradient(q - kernel)
+
+
+def set_fake_quant(base: Any, on: bool) -> None:
+    """Switch the 4-bit fake quantisation of :func:`qat_layers` on or off (recompile afterwards)."""
+    for layer in qat_layers(base):
+        if on:
+            plain = type(layer).convolution_op.__get__(layer)
+            layer.convolution_op = lambda inputs, kernel, _plain=plain: _plain(inputs, _fake_quant(kernel))
+        elif "convolution_op" in vars(layer):
+            del layer.convolution_op
+
+
+def snap_to_grid(base: Any) -> list[tuple[Any, list[np.ndarray]]]:
+    """Put the :func:`qat_layers` kernels exactly on their 4-bit grids; returns what to restore."""
+    saved = []
+    for layer in qat_layers(base):
+        weights = layer.get_weights()
+        kernel = weights[0].astype(np.float64)
+        top = np.abs(kernel).reshape(-1, kernel.shape[-1]).max(axis=0)
+        scale = np.maximum(top, 1e-12) / QAT_LEVELS
+        snapped = np.clip(np.round(kernel / scale), -QAT_LEVELS, QAT_LEVELS) * scale
+        saved.append((layer, weights))
+        layer.set_weights([snapped.astype(weights[0].dtype), *weights[1:]])
+    return saved
+
+
 @dataclass
 class TrainResult:
     output: Path
@@ -316,6 +368,15 @@ def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] 
         raise EdgesqzError("--epochs and --batch-size must be >= 1")
     if patience is not None and patience < 1:
         raise EdgesqzError(f"--patience must be >= 1, got {patience}")
+    if opts.weight_bits not in (None, 4, 8):
+        raise EdgesqzError(f"--weight-bits must be 4 or 8, not {opts.weight_bits}")
+    qat = opts.weight_bits == 4
+    if opts.qat_epochs is not None and not qat:
+        raise EdgesqzError("--qat-epochs needs --weight-bits 4")
+    qat_epochs = (max(1, round(opts.epochs / 4)) if opts.qat_epochs is None else opts.qat_epochs) if qat else 0
+    if qat and not 1 <= qat_epochs <= opts.epochs:
+        raise EdgesqzError(f"--qat-epochs must be between 1 and --epochs ({opts.epochs}), got {qat_epochs}")
+    qat_start = opts.epochs - qat_epochs if qat else opts.epochs
     pre = training_preprocessing(opts, arch)
     if pre.size < arch.min_input_size():
         raise EdgesqzError(f"--input-size must be >= {arch.min_input_size()} for {arch.label}")
@@ -357,6 +418,10 @@ def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] 
     seen = {"images": 0, "seconds": 0.0}
     extra = {"version": arch.name, "init": init, "input_size": pre.size, "architecture": arch.to_dict(),
              "preprocessing": pre.to_dict(), "recipe": asdict(recipe)}
+    if qat:
+        extra.update({"weight_bits": 4, "qat": {"epochs": qat_epochs, "levels": QAT_LEVELS,
+                                                "layers": [layer.name for layer in qat_layers(base)],
+                                                "grid": "per output channel, symmetric, scale max|w| / 7"}})
 
     class Keep(keras.callbacks.Callback):
         """Best-validation checkpoint, resumable state, throughput, early stopping."""
@@ -366,6 +431,7 @@ def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] 
             self.best = best
             self.wait = 0
             self.stopped = False
+            self.qat = False  # in the fake-quantised epochs: only those may become the saved model
 
         def on_epoch_begin(self, epoch: int, logs: dict[str, float] | None = None) -> None:
             self.t0 = time.perf_counter()
@@ -380,10 +446,15 @@ def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] 
             if acc > self.best:
                 self.best = acc
                 self.wait = 0
-                save_with_labels(base, out, split.classes, {**extra, "val_accuracy": acc, "epoch": epoch + 1})
-            else:
+                restore = snap_to_grid(base) if self.qat else []
+                try:
+                    save_with_labels(base, out, split.classes, {**extra, "val_accuracy": acc, "epoch": epoch + 1})
+                finally:
+                    for layer, weights in restore:
+                        layer.set_weights(weights)
+            elif not (qat and epoch + 1 < qat_start):  # early stopping must not skip the 4-bit epochs
                 self.wait += 1
-                if patience is not None and self.wait >= patience:
+                if patience is not None and self.wait >= patience and not (qat and not self.qat):
                     self.model.stop_training = self.stopped = True
             trainer.save(state_dir / "last.keras")
             progress_file.write_text(json.dumps({"epoch": epoch + 1, "best_val_accuracy": self.best,
@@ -410,9 +481,17 @@ def train(opts: TrainOptions, on_epoch: Callable[[int, dict[str, float]], None] 
                                                            alpha=0.05)
             phases.append((start, end, backbone, keras.optimizers.Adam(decay)))
     head = arch.naming.head("conv")
+    segments = []  # phases, split where the 4-bit (QAT) epochs begin
     for start, end, backbone, optimizer in phases:
-        if end <= max(start, initial_epoch) or keep.stopped:
+        for a, b, fq in ((start, min(end, qat_start), False), (max(start, qat_start), end, True)):
+            if b > a:
+                segments.append((a, b, backbone, optimizer, fq))
+    for start, end, backbone, optimizer, fq in segments:
+        if end <= max(start, initial_epoch) or (keep.stopped and not fq):
             continue
+        if fq and not keep.qat:  # the float model so far is not on the grid: it cannot be the result
+            keep.qat, keep.best, keep.wait, keep.stopped = True, -1.0, 0, False
+        set_fake_quant(base, fq)
         for layer in base.layers:
             layer.trainable = backbone or layer.name == head
         if opts.resume and recipe.optimizer == "sgd":

@@ -207,3 +207,27 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.path.name.startswith("test_device_"):
             item.add_marker(pytest.mark.device)
+
+
+@pytest.fixture(scope="session")
+def int4_model(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Path:
+    """A CIFAR SqueezeNet (10 classes, Keras random init) at ``convert --int8 --weight-bits 4``: packed INT4
+    filters in every convolution but the first, calibrated on 48 real 32x32 crops. Small and quick to build;
+    the device tests reuse it from EDGESQZ_TEST_MODELS."""
+    target = _test_models_dir(tmp_path_factory) / "squeezenet_cifar10-int8-w4.tflite"
+    if target.exists():
+        return target
+    try:
+        import keras
+    except ImportError:
+        pytest.skip(f"no prebuilt {target.name} in EDGESQZ_TEST_MODELS and no TensorFlow to build it")
+    crops32 = request.getfixturevalue("crops32")
+    from edgesqz.converters.convert import ConvertOptions, convert
+    from edgesqz.squeezenet import SqueezeNet
+
+    keras.utils.set_random_seed(0)
+    weights = tmp_path_factory.mktemp("int4") / "cifar10.keras"
+    SqueezeNet("cifar", classes=10, classifier_activation=None).save(weights)
+    convert(ConvertOptions(weights=str(weights), fmt="int8", weight_bits=4, output=str(target),
+                           calib=str(crops32 / "train"), calib_count=CALIB_FOR_TESTS))
+    return target

@@ -27,6 +27,9 @@ from edgesqz.architecture import CIFAR100_MEAN, CIFAR100_STD  # noqa: E402
 from edgesqz.imaging import list_images, preprocess, read_image  # noqa: E402
 
 SIZE = 32
+# pytorch-cifar100's conf/global_settings.py, written out here so the PyTorch side does not borrow edgesqz's copy
+TRAIN_MEAN = (0.5070751592371323, 0.48654887331495095, 0.4409178433670343)
+TRAIN_STD = (0.2673342858792401, 0.2564384629170883, 0.27615047132568404)
 
 
 def edgesqz(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
@@ -48,8 +51,9 @@ def _pixels(files: list[Path]) -> np.ndarray:
 
 
 def _normalise(pixels: np.ndarray) -> np.ndarray:
-    return ((pixels.astype(np.float32) / 255.0 - np.array(CIFAR100_MEAN, np.float32))
-            / np.array(CIFAR100_STD, np.float32))
+    """transforms.ToTensor() then transforms.Normalize(CIFAR100_TRAIN_MEAN, CIFAR100_TRAIN_STD), in float32."""
+    return ((pixels.astype(np.float32) / 255.0 - np.array(TRAIN_MEAN, np.float32))
+            / np.array(TRAIN_STD, np.float32))
 
 
 def _torch_logits(model: torch.nn.Module, pixels: np.ndarray) -> np.ndarray:
@@ -71,6 +75,14 @@ def _save(model: torch.nn.Module, path: Path, *, data_parallel: bool) -> Path:
         state = {f"module.{k}": v for k, v in state.items()}
     torch.save(state, path)
     return path
+
+
+def test_default_normalisation_is_pytorch_cifar100s_to_full_precision() -> None:
+    from edgesqz.architecture import SQUEEZENET_CIFAR
+
+    assert CIFAR100_MEAN == TRAIN_MEAN and CIFAR100_STD == TRAIN_STD
+    pre = SQUEEZENET_CIFAR.preprocessing
+    assert pre.mean == TRAIN_MEAN and pre.std == TRAIN_STD
 
 
 def _random_reference(classes: int, seed: int, pixels: np.ndarray) -> torch.nn.Module:

@@ -68,8 +68,8 @@ class Pipeline:
             raise EdgesqzError(f"--top-k must be >= 1, got {top_k}")
         if threshold is not None and not 0.0 <= threshold <= 1.0:
             raise EdgesqzError(f"--threshold must be between 0 and 1, got {threshold}")
-        if isinstance(source, FrameSource):
-            self.cameras = [CameraRun(CameraConfig(name="camera", named=False), source)]
+        if not isinstance(source, (list, tuple)):  # one source (a FrameSource, or anything that acts like one)
+            self.cameras = [CameraRun(CameraConfig(name="camera", named=False), source)]  # type: ignore[arg-type]
         else:
             self.cameras = list(source)
             if not self.cameras:
@@ -88,7 +88,7 @@ class Pipeline:
                                runtime=classifier.runtime_info())
         self._stop_reason: str | None = None
         self._lock = threading.Lock()
-        self._identity = classifier.identity
+        self._identity = getattr(classifier, "identity", None)
         self._pending: tuple[Classifier, Callable[[], None] | None] | None = None
         self.on_swap: list[Callable[[Classifier, Classifier], None]] = []  # (old, new), between two frames
         self.swaps = 0

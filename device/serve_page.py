@@ -189,7 +189,7 @@ function showStatus(s) {
       (c.zones.length ? `, zones ${c.zones.join(", ")}` : "") + (c.error ? ` (${c.error})` : "")])]);
   if (s.collect) {
     $("collect").hidden = false;
-    const known = s.collect.labels.join("\n");
+    const known = s.collect.labels.join("|");
     if ($("collect-labels").dataset.known !== known) {
       $("collect-labels").dataset.known = known;
       const option = (value, text) => Object.assign(document.createElement("option"), { value, textContent: text });

@@ -68,3 +68,34 @@ def test_the_page_shows_every_camera_and_zone(browser: Any, int8_model: Path, ph
         assert problems == []
     finally:
         run.stop()
+
+
+def test_the_page_saves_the_frame_as_a_label(browser: Any, int8_model: Path, photos_dir: Path,  # noqa: F811
+                                             tmp_path: Path) -> None:
+    coffee, cat = (cv2.imread(str(photos_dir / n)) for n in ("coffee.png", "chelsea.png"))
+    desk = _video(tmp_path / "desk.mp4", coffee, cat, 60)
+    data = tmp_path / "data"
+    run = ServeRun(CLI, "--model", int8_model, "--source", f"desk={desk}", "--loop", "--fps", 10, "--threads", 1,
+                   "--zone", "left=0,0,0.5,1", "--zone", "right=0.5,0,0.5,1", "--serve", "127.0.0.1:0", "--token",
+                   "tok", "--collect", data, "--collect-every", 3600)
+    try:
+        run.wait_serving()
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        problems: list[str] = []
+        page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
+        page.goto(run.url)
+        page.wait_for_function("() => !document.getElementById('collect').hidden"
+                               " && document.querySelectorAll('#collect-zone option').length === 2", timeout=60_000)
+        page.fill("#collect-label", "my cup")
+        page.select_option("#collect-zone", "desk/left")
+        page.click("#collect button")
+        page.wait_for_function("() => document.getElementById('collect-result').textContent.startsWith('saved')",
+                               timeout=30_000)
+        shown = page.evaluate("() => document.getElementById('collect-result').textContent")
+        page.close()
+        assert problems == []
+    finally:
+        run.stop()
+    saved = list((data / "my cup").glob("*.jpg"))
+    assert len(saved) == 1 and shown == f"saved my cup/{saved[0].name}"
+    assert saved[0].name.endswith("-desk-left.jpg") and cv2.imread(str(saved[0])).shape == (480, 320, 3)

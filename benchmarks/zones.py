@@ -126,7 +126,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--only", default="zones,cameras,sharing,motion", help="sections to run (comma-separated)")
     a = ap.parse_args()
+    only = set(a.only.split(","))
     model = ["--model", a.model] if a.model else []
     common = [*model, "--threads", str(a.threads)]
     out: dict = {"cpu_flags": cpu_flags(), "cores": os.cpu_count(), "threads": a.threads,
@@ -135,13 +137,14 @@ def main() -> None:
     print(f"CPU flags: {out['cpu_flags']}; {out['cores']} cores; {a.threads} interpreter threads", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         moving = make_video(Path(tmp) / "moving.mp4", 300, still=False)
+        moving2 = make_video(Path(tmp) / "moving2.mp4", 300, still=False)  # a second camera: another file
         still = make_video(Path(tmp) / "still.mp4", 300, still=True)
         # 1. throughput with N zones: the video as fast as it decodes, batched vs N invocations, interleaved
-        for n in (1, 2, 4, 8):
+        for n in (1, 2, 4, 8) if "zones" in only else ():
             res: dict[str, list[dict]] = {"batched": [], "invocations": []}
             for _ in range(a.rounds):
                 for mode in ("batched", "invocations"):
-                    env = {"EDGESQZ_ZONE_BATCH": "0"} if mode == "invocations" else {}
+                    env = {"EDGESQZ_ZONE_BATCH": "0" if mode == "invocations" else "1"}
                     res[mode].append(run([*common, "--source", str(moving), *zones(n)], env))
             def med(rows: list[dict], key: str) -> float:
                 return round(float(np.median([r[key] for r in rows])), 2)
@@ -153,25 +156,28 @@ def main() -> None:
             print(f"{n} zones: batched {row['batched']['fps']} FPS (e2e p50 {row['batched']['e2e_p50_ms']} ms), "
                   f"{n} invocations {row['invocations']['fps']} FPS (e2e p50 {row['invocations']['e2e_p50_ms']} ms): "
                   f"x{row['batched_speedup']}", flush=True)
-        # 2. two cameras at 30 FPS in one process (one interpreter), 2 zones each
-        two = run([*common, "--source", f"a={moving}", "--source", f"b={moving}", "--fps", "30", "--loop",
-                   "--duration", str(a.seconds), "--zone", "a/l=0,0,0.5,1", "--zone", "a/r=0.5,0,0.5,1",
-                   "--zone", "b/l=0,0,0.5,1", "--zone", "b/r=0.5,0,0.5,1"])
-        out["cameras"] = two
-        per = {k: (v["frames"] / a.seconds, v["dropped"]) for k, v in (two["cameras"] or {}).items()}
-        print("two cameras at 30 FPS, 2 zones each: " + ", ".join(f"{k} {f:.1f} FPS dropped {d}"
-                                                                     for k, (f, d) in per.items())
-              + f"; e2e p50 {two['e2e_p50_ms']} ms; CPU {two['cpu_percent_of_one_core']} % of a core", flush=True)
-        # 3. one shared interpreter vs one per camera (inferences per second in all)
-        out["sharing"] = interpreter_sharing(a.model)
-        print(f"interpreter sharing, inferences/s in all: {out['sharing']}", flush=True)
-        # 4. motion gating on a still scene vs off (4 zones, 30 FPS)
-        for label, extra in (("off", []), ("gated", ["--motion-gate", "30"])):
-            r = run([*common, "--source", str(still), "--fps", "30", "--loop", "--duration", str(a.seconds),
-                     *zones(4), *extra])
-            out["motion"][label] = r
-            print(f"still scene, 4 zones, motion gating {label}: {r['fps']} FPS, {r['classifications']} zone "
-                  f"classifications, CPU {r['cpu_percent_of_one_core']} % of a core", flush=True)
+        if "cameras" in only:
+            # 2. two cameras at 30 FPS in one process (one interpreter), 2 zones each
+            two = run([*common, "--source", f"a={moving}", "--source", f"b={moving2}", "--fps", "30", "--loop",
+                       "--duration", str(a.seconds), "--zone", "a/l=0,0,0.5,1", "--zone", "a/r=0.5,0,0.5,1",
+                       "--zone", "b/l=0,0,0.5,1", "--zone", "b/r=0.5,0,0.5,1"])
+            out["cameras"] = two
+            per = {k: (v["frames"] / a.seconds, v["dropped"]) for k, v in (two["cameras"] or {}).items()}
+            print("two cameras at 30 FPS, 2 zones each: " + ", ".join(f"{k} {f:.1f} FPS dropped {d}"
+                                                                         for k, (f, d) in per.items())
+                  + f"; e2e p50 {two['e2e_p50_ms']} ms; CPU {two['cpu_percent_of_one_core']} % of a core", flush=True)
+        if "sharing" in only:
+            # 3. one shared interpreter vs one per camera (inferences per second in all)
+            out["sharing"] = interpreter_sharing(a.model)
+            print(f"interpreter sharing, inferences/s in all: {out['sharing']}", flush=True)
+        if "motion" in only:
+            # 4. motion gating on a still scene vs off (4 zones, 30 FPS)
+            for label, extra in (("off", []), ("gated", ["--motion-gate", "30"])):
+                r = run([*common, "--source", str(still), "--fps", "30", "--loop", "--duration", str(a.seconds),
+                         *zones(4), *extra])
+                out["motion"][label] = r
+                print(f"still scene, 4 zones, motion gating {label}: {r['fps']} FPS, {r['classifications']} zone "
+                      f"classifications, CPU {r['cpu_percent_of_one_core']} % of a core", flush=True)
     if a.json:
         a.json.write_text(json.dumps(out, indent=2) + "\n")
         print(f"wrote {a.json}")

@@ -327,7 +327,9 @@ class Classifier:
         self._make = functools.partial(make_interpreter, data, threads=self.threads, delegate=delegate, backend=backend,
                                        xnnpack=xnnpack, src=f"model {src}")
         self._batched: collections.OrderedDict[int, Any] = collections.OrderedDict()
-        self.batching = os.environ.get("EDGESQZ_ZONE_BATCH", "1") != "0"  # 0: N invocations (benchmarks/zones.py)
+        # 1: the zones of a frame in one batched invocation; measured no faster end to end than N invocations under
+        # XNNPACK on 2 cores (benchmarks/zones.py), so N invocations is the default
+        self.batching = os.environ.get("EDGESQZ_ZONE_BATCH", "0") == "1"
         with native_stderr() as native:  # LiteRT's "INFO: Created ... XNNPACK delegate" and error echoes
             self.interpreter, self.backend = self._make()
         for line in native:
@@ -431,10 +433,11 @@ class Classifier:
     def infer_many(self, tensors: list[np.ndarray]) -> list[Scores]:
         """Run the model on several prepared inputs (the zones of a frame).
 
-        On the CPU they go through one invocation with a batch of N (an interpreter whose input is
-        resized to N, made on first use and kept for the few most recent N): measured faster than N
-        invocations of batch 1 under XNNPACK (benchmarks/zones.py). With a delegate (the Edge TPU
-        compiles batch 1) or a model whose input cannot be resized, N invocations.
+        N invocations of batch 1 by default: end to end, they were as fast or faster than one batched
+        invocation under XNNPACK (benchmarks/zones.py: batched/N = 0.94-0.99 for 2-8 zones on 2 cores).
+        ``EDGESQZ_ZONE_BATCH=1`` batches them instead (an interpreter whose input is resized to N, made
+        on first use and kept for the few most recent N) — measure it on your device. Never with a
+        delegate (the Edge TPU compiles batch 1).
         """
         if len(tensors) <= 1 or self.delegate or not self.batching:
             return [self.infer(t) for t in tensors]
